@@ -1,0 +1,134 @@
+"""Saturation diagnostics: what the noisy softmax is about, cheap enough to log every step."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from noisy_softmax_jax import _validation, loss as loss_lib
+
+__all__ = ["saturation_metrics"]
+
+
+def _masked_mean(x: jax.Array, where: jax.Array | None) -> jax.Array:
+    if where is None:
+        return jnp.mean(x)
+    weights = where.astype(x.dtype)
+    return jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def saturation_metrics(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    amplitude: jax.typing.ArrayLike | None = None,
+    rng: jax.Array | None = None,
+    alpha: jax.typing.ArrayLike = 0.0,
+    noise: str = "annealed",
+    sigma: jax.typing.ArrayLike = 1.0,
+    shared_noise: bool = False,
+    negative: bool = False,
+    where: jax.typing.ArrayLike | None = None,
+    threshold: float = 0.99,
+) -> dict[str, jax.Array]:
+    r"""Summarizes how saturated a batch is, and how much noise it received.
+
+    Softmax saturates when the clean target probability :math:`p_y` nears 1:
+    the gradient on the target logit, :math:`p_y - 1`, vanishes. Pass the
+    loss's own ``rng``, ``alpha`` and noise arguments to see the noise the loss
+    injected in the same step (the same key draws the same noise) and the
+    gradient it actually produced; leave ``rng`` out for plain softmax.
+
+    The amplitude :math:`\|W_y\|\|x\|` matters: the noise grows with it, so a
+    network can escape a too-large ``alpha`` by shrinking its features to zero.
+    Such a collapse shows as ``amplitude`` and ``logit_std`` falling toward 0
+    and ``accuracy`` at chance.
+
+    All values are means over the (unmasked) examples, as float32 scalars:
+
+    - ``target_prob``: clean :math:`p_y`.
+    - ``saturated_fraction``: fraction of examples with :math:`p_y >` ``threshold``.
+    - ``target_grad``: :math:`|\partial\ell/\partial f_y|` of the loss in use,
+      :math:`(1 - \tilde p_y)\,\partial\tilde f_y/\partial f_y`; equal to
+      :math:`1 - p_y` without noise.
+    - ``noise``: the injected :math:`f_y - \tilde f_y` (negative for ``negative`` noise).
+    - ``accuracy``: fraction whose clean argmax is the label.
+    - ``logit_std``: standard deviation of an example's logits across classes.
+    - ``amplitude`` and ``cos_target`` (:math:`\cos\theta_y = f_y / a`), only
+      when ``amplitude`` is given.
+
+    Args:
+      logits: Clean logits, shape ``[..., num_classes]``.
+      labels: Integer class indices, shape ``[...]``.
+      amplitude: Optional per-example :math:`\|W_y\|\|x\|`, shape ``[...]``.
+      rng: The loss's key; None means no noise.
+      alpha, noise, sigma, shared_noise, negative: as given to the loss.
+      where: Optional boolean mask of the examples to include, shape ``[...]``.
+      threshold: :math:`p_y` above which an example counts as saturated.
+
+    Returns:
+      A dict of float32 scalars, keys as listed above.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from noisy_softmax_jax import saturation_metrics
+      >>> m = saturation_metrics(jnp.array([[9.0, 0.0], [0.0, 0.0]]), jnp.array([0, 1]))
+      >>> round(float(m["saturated_fraction"]), 2), round(float(m["target_grad"]), 3)
+      (0.5, 0.25)
+    """
+    logits = _validation.check_floating("logits", logits, "of shape [..., num_classes]")
+    labels = _validation.check_labels(labels, logits)
+    if amplitude is not None:
+        amplitude = _validation.check_per_example("amplitude", amplitude, labels, floating=True)
+    if where is not None:
+        where = _validation.check_per_example("where", where, labels, floating=False)
+        where = where.astype(bool)
+    if rng is not None:
+        rng = _validation.check_rng(rng)
+        _validation.check_noise(noise, amplitude)
+    alpha = _validation.check_nonnegative_scalar("alpha", alpha)
+    sigma = _validation.check_nonnegative_scalar("sigma", sigma)
+    return _saturation_metrics(
+        logits, labels, amplitude, rng, alpha, sigma, where, threshold,
+        noise=noise, shared_noise=bool(shared_noise), negative=bool(negative))
+
+
+@functools.partial(jax.jit, static_argnames=("noise", "shared_noise", "negative"))
+def _saturation_metrics(logits, labels, amplitude, rng, alpha, sigma, where, threshold, *,
+                        noise, shared_noise, negative):
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    target = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+    target_prob = jnp.exp(target - log_normalizer)
+
+    if rng is None:
+        noisy_target, dnoisy_dtarget = target, jnp.ones_like(target)
+    else:
+        def perturb(t):
+            return loss_lib._noisy_target_logit(
+                t, rng, alpha, sigma, None if noise == "free" else amplitude,
+                noise=noise, shared_noise=shared_noise, negative=negative)
+        # The perturbation is elementwise in f_y, so a JVP with ones gives its derivative.
+        noisy_target, dnoisy_dtarget = jax.jvp(perturb, (target,), (jnp.ones_like(target),))
+    is_target = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
+    noisy_normalizer = jax.nn.logsumexp(
+        jnp.where(is_target, noisy_target[..., None], logits), axis=-1)
+    noisy_target_prob = jnp.exp(noisy_target - noisy_normalizer)
+
+    metrics = {
+        "target_prob": target_prob,
+        "saturated_fraction": (target_prob > threshold).astype(logits.dtype),
+        "target_grad": jnp.abs((1.0 - noisy_target_prob) * dnoisy_dtarget),
+        "noise": target - noisy_target,
+        "accuracy": (jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype),
+        "logit_std": jnp.std(logits, axis=-1),
+    }
+    if amplitude is not None:
+        amplitude = amplitude.astype(logits.dtype)
+        metrics["amplitude"] = amplitude
+        metrics["cos_target"] = jnp.where(
+            amplitude > 0, target / jnp.where(amplitude > 0, amplitude, 1.0), 0.0)
+    return {name: _masked_mean(value, where).astype(jnp.float32)
+            for name, value in metrics.items()}

@@ -1,0 +1,92 @@
+"""A Flax Linen classifier head that owns the class weights the noisy softmax needs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from noisy_softmax_jax.amplitude import safe_norm
+
+__all__ = ["HeadOutput", "NoisySoftmaxHead"]
+
+
+class HeadOutput(NamedTuple):
+    """What :class:`NoisySoftmaxHead` returns: the logits and the norms behind them.
+
+    Attributes:
+      logits: Clean logits :math:`f_j = W_j^\\top x`, shape ``[..., num_classes]``;
+        the prediction at evaluation.
+      feature_norm: :math:`\\|x\\|`, shape ``[...]``.
+      class_norm: :math:`\\|W_j\\|` for every class, shape ``[num_classes]``.
+    """
+
+    logits: jax.Array
+    feature_norm: jax.Array
+    class_norm: jax.Array
+
+    def amplitude(self, labels: jax.typing.ArrayLike) -> jax.Array:
+        """Per-example :math:`\\|W_y\\|\\|x\\|`, the loss's ``amplitude``, shape ``[...]``."""
+        return self.feature_norm * self.class_norm[jnp.asarray(labels)]
+
+
+class NoisySoftmaxHead(nn.Module):
+    """A linear classifier head for the noisy softmax, bias-free by default.
+
+    Use it in place of the model's last ``nn.Dense(num_classes)``. It returns a
+    :class:`HeadOutput` so the loss gets the amplitude it needs without the
+    model exposing its features. The parameter is named ``kernel`` with
+    ``Dense``'s layout ``[num_features, num_classes]``.
+
+    The paper drops the classifier bias: with one, :math:`f_y` is no longer
+    :math:`\\|W_y\\|\\|x\\|\\cos\\theta_y` and the annealing factor loses its
+    meaning (the loss still clamps it at zero). Keep ``use_bias=False`` unless
+    you know why.
+
+    Attributes:
+      num_classes: Number of classes.
+      use_bias: Whether to add a bias to the logits (not in the paper).
+      dtype: Computation dtype of the logits (default: inferred from inputs).
+      param_dtype: Dtype of the kernel.
+      kernel_init: Initializer of the kernel.
+      bias_init: Initializer of the bias.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from noisy_softmax_jax import NoisySoftmaxHead, noisy_softmax_cross_entropy
+      >>> head = NoisySoftmaxHead(num_classes=10)
+      >>> features = jnp.ones((4, 32))
+      >>> params = head.init(jax.random.key(0), features)
+      >>> out = head.apply(params, features)
+      >>> labels = jnp.array([0, 1, 2, 3])
+      >>> loss = noisy_softmax_cross_entropy(
+      ...     out.logits, labels, jax.random.key(1), 0.1, amplitude=out.amplitude(labels))
+      >>> out.logits.shape, loss.shape
+      ((4, 10), (4,))
+    """
+
+    num_classes: int
+    use_bias: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
+    bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, features: jax.Array) -> HeadOutput:
+        kernel = self.param(
+            "kernel", self.kernel_init, (features.shape[-1], self.num_classes), self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.num_classes,), self.param_dtype)
+                if self.use_bias else None)
+        x, kernel_c, bias = nn.dtypes.promote_dtype(features, kernel, bias, dtype=self.dtype)
+        logits = x @ kernel_c
+        if bias is not None:
+            logits = logits + bias
+        return HeadOutput(
+            logits=logits,
+            feature_norm=safe_norm(features, axis=-1),
+            class_norm=safe_norm(kernel, axis=0),
+        )

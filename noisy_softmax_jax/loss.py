@@ -1,0 +1,302 @@
+"""Noisy softmax cross-entropy (Chen, Deng & Du, CVPR 2017).
+
+The loss is plain softmax cross-entropy with integer labels in which the
+target logit, and only the target logit, is lowered by a sampled, non-negative
+noise before the softmax. Everything here is a pure function of its inputs
+and an explicit PRNG key.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import checkify
+
+from noisy_softmax_jax import _validation
+from noisy_softmax_jax._validation import NOISE_VARIANTS
+
+__all__ = [
+    "NOISE_VARIANTS",
+    "checked_noisy_softmax_cross_entropy",
+    "noisy_softmax_cross_entropy",
+    "noisy_target_logit",
+]
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+    """bfloat16 and float16 are computed in float32; float64 stays float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _noisy_target_logit(target_logit, rng, alpha, sigma, amplitude, *, noise, shared_noise,
+                        negative):
+    """Unchecked core of :func:`noisy_target_logit`; inputs already in the compute dtype."""
+    dtype = target_logit.dtype
+    shape = () if shared_noise else target_logit.shape
+    # xi is a sampled constant: no gradient reaches alpha, sigma or the key.
+    xi = jax.random.normal(rng, shape, dtype=dtype)
+    magnitude = jnp.asarray(alpha, dtype) * jnp.asarray(sigma, dtype) * jnp.abs(xi)
+    if noise == "annealed":
+        # ||W_y|| ||x|| (1 - cos theta) = amplitude - f_y is >= 0 in exact arithmetic
+        # but can round to a tiny negative value when x is aligned with W_y. Clamping it
+        # at zero keeps the noise from ever raising the target logit; where the clamp is
+        # active the factor and its gradient are exactly zero.
+        gap = amplitude.astype(dtype) - target_logit
+        scale = jnp.where(gap > 0, gap, jnp.zeros_like(gap))
+    elif noise == "amplitude":
+        amplitude = amplitude.astype(dtype)
+        scale = jnp.where(amplitude > 0, amplitude, jnp.zeros_like(amplitude))
+    else:  # "free"
+        scale = jnp.ones_like(target_logit)
+    injected = magnitude * scale
+    return target_logit + injected if negative else target_logit - injected
+
+
+@functools.partial(jax.jit, static_argnames=("noise", "shared_noise", "negative"))
+def _loss(logits, labels, rng, alpha, sigma, amplitude, where, *, noise, shared_noise,
+          negative):
+    logits = logits.astype(_compute_dtype(logits.dtype))
+    target_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    noisy_target = _noisy_target_logit(
+        target_logit, rng, alpha, sigma, amplitude,
+        noise=noise, shared_noise=shared_noise, negative=negative)
+    # Replace the target column by the noisy target; the other logits are untouched.
+    is_target = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
+    noisy_logits = jnp.where(is_target, noisy_target[..., None], logits)
+    loss = jax.nn.logsumexp(noisy_logits, axis=-1) - noisy_target
+    if where is not None:
+        loss = jnp.where(where, loss, jnp.zeros_like(loss))
+    return loss
+
+
+def _check_arguments(logits, labels, rng, alpha, amplitude, noise, sigma, where):
+    """Validates and converts the arguments shared by the checked and unchecked loss."""
+    logits = _validation.check_floating("logits", logits, "of shape [..., num_classes]")
+    labels = _validation.check_labels(labels, logits)
+    rng = _validation.check_rng(rng)
+    alpha = _validation.check_nonnegative_scalar("alpha", alpha)
+    sigma = _validation.check_nonnegative_scalar("sigma", sigma)
+    _validation.check_noise(noise, amplitude)
+    if noise == "free":
+        amplitude = None  # "free" noise does not depend on the amplitude.
+    if amplitude is not None:
+        amplitude = _validation.check_per_example("amplitude", amplitude, labels, floating=True)
+    if where is not None:
+        where = _validation.check_per_example("where", where, labels, floating=False)
+        where = where.astype(bool)
+    return logits, labels, rng, alpha, amplitude, sigma, where
+
+
+def noisy_softmax_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    rng: jax.Array,
+    alpha: jax.typing.ArrayLike,
+    *,
+    amplitude: jax.typing.ArrayLike | None = None,
+    noise: str = "annealed",
+    sigma: jax.typing.ArrayLike = 1.0,
+    where: jax.typing.ArrayLike | None = None,
+    shared_noise: bool = False,
+    negative: bool = False,
+) -> jax.Array:
+    r"""Computes noisy softmax cross-entropy with integer labels.
+
+    Softmax cross-entropy in which the target logit :math:`f_y` is lowered by
+    a non-negative noise before the softmax, which keeps the gradient on the
+    target from vanishing early in training (postponing softmax saturation).
+    For the paper's annealed noise, with the amplitude
+    :math:`a = \|W_y\| \|x\|` of a bias-free linear classifier
+    (:math:`f_j = W_j^\top x`):
+
+    .. math::
+      \tilde f_y = f_y - \alpha\, |\xi|\, (a - f_y)
+                 = f_y - \alpha\, |\xi|\, \|W_y\| \|x\| (1 - \cos\theta_y),
+      \qquad \xi \sim \mathcal{N}(0, \sigma^2),
+
+      \ell = \log\Big(e^{\tilde f_y} + \sum_{j \ne y} e^{f_j}\Big) - \tilde f_y .
+
+    The noise fades by itself as a feature aligns with its class weight. The
+    ablation variants replace :math:`(a - f_y)` by :math:`a` (``"amplitude"``)
+    or by 1 (``"free"``). Only :math:`\alpha\sigma` matters; the paper tunes
+    ``alpha`` with ``sigma = 1`` and reports about ``alpha = 0.1`` working well.
+    Too large an ``alpha`` can make the network escape the noise by shrinking
+    its features to zero (every logit equal, chance accuracy): watch the
+    amplitude in :func:`noisy_softmax_jax.saturation_metrics`.
+
+    Gradients flow through ``logits`` and ``amplitude`` (and so through the
+    norms of the features and of the class weights); :math:`\xi` is a sampled
+    constant. With :math:`c = \alpha|\xi|`, autodiff gives the paper's
+    :math:`\partial\tilde f_y/\partial x = (1 + c) W_y - c \|W_y\| x / \|x\|`.
+    The factor :math:`a - f_y` is non-negative in exact arithmetic but can
+    round below zero when :math:`x` is aligned with :math:`W_y`; it is clamped
+    at zero (value and gradient), so the noise never raises the target logit
+    unless ``negative=True`` asks for it.
+
+    Called eagerly, the arguments are checked (dtypes, shapes, label range,
+    signs of ``alpha`` and ``sigma``) and a bad one raises ``TypeError`` or
+    ``ValueError`` before anything is computed. Under ``jax.jit`` only dtypes
+    and shapes can be checked: an out-of-range label then gives a NaN loss
+    (as in Optax) and a negative ``alpha`` raises the target logit; use
+    :func:`checked_noisy_softmax_cross_entropy` to have those reported.
+    ``bfloat16`` and ``float16`` inputs are computed, and returned, in float32.
+
+    Args:
+      logits: Unnormalized log probabilities, shape ``[..., num_classes]``.
+      labels: Integer class indices in ``[0, num_classes)``, shape ``[...]``.
+      rng: A PRNG key, typed (``jax.random.key``) or legacy (``uint32[2]``).
+        The same key gives the same noise.
+      alpha: Non-negative noise scale, a Python float or a scalar array. It is
+        traced: changing it between calls does not recompile. ``alpha = 0``
+        gives exactly ``optax.softmax_cross_entropy_with_integer_labels``.
+      amplitude: Per-example :math:`\|W_y\|\|x\|`, shape ``[...]``, needed by
+        ``"annealed"`` and ``"amplitude"`` noise; ignored by ``"free"``. Get it
+        from :class:`noisy_softmax_jax.NoisySoftmaxHead` (``out.amplitude(labels)``)
+        or :func:`noisy_softmax_jax.target_amplitude`.
+      noise: ``"annealed"`` (the paper's method), ``"amplitude"`` or ``"free"``.
+      sigma: Non-negative standard deviation of :math:`\xi`.
+      where: Optional boolean mask, shape ``[...]``; masked examples give loss 0
+        and no gradient.
+      shared_noise: If True, draw one :math:`\xi` for the whole call instead of
+        one per example (what the first author's Caffe code does).
+      negative: If True, the noise raises the target logit instead of lowering
+        it: the paper's "negative noise" ablation, reported worse than softmax.
+
+    Returns:
+      Per-example losses, shape ``[...]``, no reduction; float32 for
+      half-precision inputs, else the dtype of ``logits``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from noisy_softmax_jax import noisy_softmax_cross_entropy, target_amplitude
+      >>> features = jnp.array([[1.0, 2.0], [0.5, -1.0]])
+      >>> kernel = jnp.array([[1.0, 0.0, -1.0], [0.0, 1.0, 1.0]])  # [features, classes]
+      >>> labels = jnp.array([1, 0])
+      >>> logits = features @ kernel
+      >>> amplitude = target_amplitude(features, kernel, labels)
+      >>> loss = noisy_softmax_cross_entropy(
+      ...     logits, labels, jax.random.key(0), 0.1, amplitude=amplitude)
+      >>> loss.shape
+      (2,)
+
+    References:
+      Chen, Deng & Du, `Noisy Softmax: Improving the Generalization Ability of
+      DCNN via Postponing the Early Softmax Saturation
+      <https://arxiv.org/abs/1708.03769>`_, CVPR 2017.
+    """
+    logits, labels, rng, alpha, amplitude, sigma, where = _check_arguments(
+        logits, labels, rng, alpha, amplitude, noise, sigma, where)
+    return _loss(logits, labels, rng, alpha, sigma, amplitude, where,
+                 noise=noise, shared_noise=bool(shared_noise), negative=bool(negative))
+
+
+def noisy_target_logit(
+    target_logit: jax.typing.ArrayLike,
+    rng: jax.Array,
+    alpha: jax.typing.ArrayLike,
+    *,
+    amplitude: jax.typing.ArrayLike | None = None,
+    noise: str = "annealed",
+    sigma: jax.typing.ArrayLike = 1.0,
+    shared_noise: bool = False,
+    negative: bool = False,
+) -> jax.Array:
+    r"""Returns the perturbed target logit :math:`\tilde f_y` of the noisy softmax.
+
+    The piece of :func:`noisy_softmax_cross_entropy` that draws the noise,
+    for losses that combine it with something else (a margin, say). With the
+    same key and arguments it draws the same noise as the loss.
+
+    Args:
+      target_logit: :math:`f_y`, shape ``[...]``.
+      rng, alpha, amplitude, noise, sigma, shared_noise, negative: as in
+        :func:`noisy_softmax_cross_entropy`.
+
+    Returns:
+      :math:`\tilde f_y`, shape ``[...]``, in at least float32.
+    """
+    target_logit = _validation.check_floating("target_logit", target_logit, "of shape [...]")
+    rng = _validation.check_rng(rng)
+    alpha = _validation.check_nonnegative_scalar("alpha", alpha)
+    sigma = _validation.check_nonnegative_scalar("sigma", sigma)
+    _validation.check_noise(noise, amplitude)
+    if noise == "free":
+        amplitude = None
+    if amplitude is not None:
+        amplitude = _validation.check_per_example("amplitude", amplitude, target_logit,
+                                                  floating=True)
+    target_logit = target_logit.astype(_compute_dtype(target_logit.dtype))
+    return _noisy_target_logit(target_logit, rng, alpha, sigma, amplitude, noise=noise,
+                               shared_noise=bool(shared_noise), negative=bool(negative))
+
+
+def _loss_with_checks(logits, labels, rng, alpha, sigma, amplitude, where, *, noise,
+                      shared_noise, negative):
+    num_classes = logits.shape[-1]
+    out_of_range = (labels < 0) | (labels >= num_classes)
+    checkify.check(
+        ~jnp.any(out_of_range),
+        "`labels` must lie in [0, {num_classes}); found label {label}.",
+        num_classes=jnp.asarray(num_classes),
+        label=jnp.where(jnp.any(out_of_range),
+                        labels.ravel()[jnp.argmax(out_of_range.ravel())], 0) if labels.size else 0,
+    )
+    checkify.check(jnp.all(jnp.isfinite(logits)), "`logits` contains NaN or infinity.")
+    if amplitude is not None:
+        checkify.check(jnp.all(jnp.isfinite(amplitude)), "`amplitude` contains NaN or infinity.")
+    checkify.check(alpha >= 0, "`alpha` must be >= 0; got {alpha}.", alpha=alpha)
+    checkify.check(sigma >= 0, "`sigma` must be >= 0; got {sigma}.", sigma=sigma)
+    return _loss(logits, labels, rng, alpha, sigma, amplitude, where, noise=noise,
+                 shared_noise=shared_noise, negative=negative)
+
+
+_checked_loss = jax.jit(
+    checkify.checkify(_loss_with_checks, errors=checkify.user_checks),
+    static_argnames=("noise", "shared_noise", "negative"),
+)
+
+
+def checked_noisy_softmax_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    rng: jax.Array,
+    alpha: jax.typing.ArrayLike,
+    *,
+    amplitude: jax.typing.ArrayLike | None = None,
+    noise: str = "annealed",
+    sigma: jax.typing.ArrayLike = 1.0,
+    where: jax.typing.ArrayLike | None = None,
+    shared_noise: bool = False,
+    negative: bool = False,
+) -> tuple[checkify.Error, jax.Array]:
+    """:func:`noisy_softmax_cross_entropy` with value checks that work under ``jax.jit``.
+
+    Under ``jit`` the label values, ``alpha`` and ``sigma`` are tracers, so the
+    plain loss cannot inspect them. This variant uses
+    ``jax.experimental.checkify`` to report, after the fact, labels outside
+    ``[0, num_classes)``, non-finite ``logits`` or ``amplitude`` and a negative
+    ``alpha`` or ``sigma``. It costs a few reductions over the inputs.
+
+    Args:
+      As in :func:`noisy_softmax_cross_entropy`.
+
+    Returns:
+      ``(error, loss)``: a ``checkify.Error`` (call ``error.throw()`` outside
+      ``jit`` to raise it, or ``error.get()`` for the message) and the
+      per-example losses.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from noisy_softmax_jax import checked_noisy_softmax_cross_entropy
+      >>> step = jax.jit(lambda logits, labels: checked_noisy_softmax_cross_entropy(
+      ...     logits, labels, jax.random.key(0), 0.1, noise="free"))
+      >>> error, loss = step(jnp.zeros((2, 3)), jnp.array([0, 7]))
+      >>> error.get()
+      '`labels` must lie in [0, 3); found label 7. (check failed at ...)'
+    """
+    logits, labels, rng, alpha, amplitude, sigma, where = _check_arguments(
+        logits, labels, rng, alpha, amplitude, noise, sigma, where)
+    return _checked_loss(logits, labels, rng, alpha, sigma, amplitude, where, noise=noise,
+                         shared_noise=bool(shared_noise), negative=bool(negative))

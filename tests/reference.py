@@ -1,0 +1,53 @@
+"""An independent float64 NumPy reference of the noisy softmax loss (PAPER.md, Eq. 5 and 6)."""
+
+import numpy as np
+
+
+def noisy_target(target, abs_xi, alpha, amplitude=None, noise="annealed", negative=False):
+    target = np.asarray(target, np.float64)
+    abs_xi = np.asarray(abs_xi, np.float64)
+    if noise == "annealed":
+        scale = np.maximum(np.asarray(amplitude, np.float64) - target, 0.0)
+    elif noise == "amplitude":
+        scale = np.maximum(np.asarray(amplitude, np.float64), 0.0)
+    else:
+        scale = np.ones_like(target)
+    injected = alpha * abs_xi * scale
+    return target + injected if negative else target - injected
+
+
+def noisy_softmax_loss(logits, labels, abs_xi, alpha, amplitude=None, noise="annealed",
+                       negative=False):
+    """-log softmax of the logits with the target replaced by its noisy value."""
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+    target = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    noisy = noisy_target(target, abs_xi, alpha, amplitude, noise, negative)
+    modified = logits.copy()
+    np.put_along_axis(modified, labels[..., None], noisy[..., None], axis=-1)
+    top = modified.max(axis=-1, keepdims=True)
+    log_normalizer = np.log(np.exp(modified - top).sum(axis=-1)) + top[..., 0]
+    return log_normalizer - noisy
+
+
+def noisy_softmax_target_gradient(logits, labels, abs_xi, alpha, amplitude=None,
+                                  noise="annealed", negative=False):
+    """d loss / d logits from the closed form: softmax of the noisy logits, target column
+    scaled by d f~_y / d f_y (1 + alpha|xi| for annealed noise, 1 otherwise)."""
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+    target = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    noisy = noisy_target(target, abs_xi, alpha, amplitude, noise, negative)
+    modified = logits.copy()
+    np.put_along_axis(modified, labels[..., None], noisy[..., None], axis=-1)
+    probs = np.exp(modified - modified.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    slope = np.ones_like(target)
+    if noise == "annealed":
+        active = np.asarray(amplitude, np.float64) - target > 0
+        sign = -1.0 if negative else 1.0
+        slope = np.where(active, 1.0 + sign * alpha * np.asarray(abs_xi), 1.0)
+    grad = probs.copy()
+    target_prob = np.take_along_axis(probs, labels[..., None], axis=-1)[..., 0]
+    np.put_along_axis(grad, labels[..., None], ((target_prob - 1.0) * slope)[..., None], axis=-1)
+    return grad
