@@ -1,0 +1,84 @@
+"""saturation_metrics against a NumPy reference and against autodiff of the loss itself."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import noisy_softmax_jax as nsj
+
+
+def batch(seed=0, n=32, c=6):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    logits = 4.0 * jax.random.normal(k1, (n, c))
+    labels = jax.random.randint(k2, (n,), 0, c)
+    amplitude = jnp.abs(logits).sum(-1) + 1.0
+    return logits, labels, amplitude
+
+
+def test_plain_softmax_metrics_match_numpy():
+    logits, labels, amplitude = batch()
+    m = nsj.saturation_metrics(logits, labels, amplitude=amplitude, threshold=0.9)
+    lg = np.asarray(logits, np.float64)
+    probs = np.exp(lg - lg.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    p_y = probs[np.arange(len(labels)), labels]
+    target = lg[np.arange(len(labels)), labels]
+    np.testing.assert_allclose(m["target_prob"], p_y.mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["saturated_fraction"], (p_y > 0.9).mean())
+    np.testing.assert_allclose(m["target_grad"], (1 - p_y).mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["noise"], 0.0)
+    np.testing.assert_allclose(m["accuracy"], (lg.argmax(-1) == labels).mean())
+    np.testing.assert_allclose(m["logit_std"], lg.std(-1).mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["amplitude"], np.asarray(amplitude).mean(), rtol=1e-6)
+    np.testing.assert_allclose(m["cos_target"], (target / amplitude).mean(), rtol=1e-5)
+    assert all(v.dtype == jnp.float32 and v.shape == () for v in m.values())
+
+
+def test_without_amplitude_there_is_no_amplitude_or_cosine():
+    logits, labels, _ = batch()
+    assert not {"amplitude", "cos_target"} & set(nsj.saturation_metrics(logits, labels))
+
+
+@pytest.mark.parametrize("noise", ["annealed", "amplitude", "free"])
+@pytest.mark.parametrize("negative", [False, True])
+def test_noisy_metrics_match_the_loss_it_describes(noise, negative):
+    logits, labels, amplitude = batch(1)
+    rng, alpha = jax.random.key(3), 0.2
+    kwargs = dict(amplitude=amplitude, noise=noise, negative=negative)
+    m = jax.jit(lambda lg: nsj.saturation_metrics(lg, labels, rng=rng, alpha=alpha, **kwargs))(
+        logits)
+    # The gradient on the target logit, by autodiff of the loss itself.
+    grad = jax.grad(lambda lg: nsj.noisy_softmax_cross_entropy(
+        lg, labels, rng, alpha, **kwargs).sum())(logits)
+    target_grad = jnp.take_along_axis(grad, labels[:, None], axis=-1)[:, 0]
+    np.testing.assert_allclose(m["target_grad"], jnp.abs(target_grad).mean(), rtol=1e-5)
+    # The injected noise, from the same key.
+    target = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    noisy = nsj.noisy_target_logit(target, rng, alpha, **kwargs)
+    np.testing.assert_allclose(m["noise"], (target - noisy).mean(), rtol=1e-5)
+    assert (m["noise"] < 0) == negative
+    clean = nsj.saturation_metrics(logits, labels, amplitude=amplitude)
+    np.testing.assert_allclose(m["target_prob"], clean["target_prob"])
+
+
+def test_collapse_is_visible():
+    # Features driven to zero: every logit equal, amplitude zero, accuracy at chance.
+    features = jnp.zeros((100, 8))
+    kernel = jax.random.normal(jax.random.key(0), (8, 10))
+    labels = jnp.arange(100) % 10
+    m = nsj.saturation_metrics(features @ kernel, labels, rng=jax.random.key(1), alpha=0.5,
+                               amplitude=nsj.target_amplitude(features, kernel, labels))
+    assert float(m["amplitude"]) == 0.0 and float(m["logit_std"]) == 0.0
+    np.testing.assert_allclose(m["target_prob"], 0.1, rtol=1e-6)
+    np.testing.assert_allclose(m["accuracy"], 0.1)
+    assert all(jnp.isfinite(v) for v in m.values())
+
+
+def test_where_excludes_examples():
+    logits, labels, amplitude = batch(2)
+    where = jnp.arange(32) < 10
+    masked = nsj.saturation_metrics(logits, labels, amplitude=amplitude, where=where)
+    subset = nsj.saturation_metrics(logits[:10], labels[:10], amplitude=amplitude[:10])
+    for name in subset:
+        np.testing.assert_allclose(masked[name], subset[name], rtol=1e-5, err_msg=name)
