@@ -1,0 +1,52 @@
+"""Default config: the small MNIST CNN with noisy softmax, ~5 minutes on 2 CPU cores.
+
+Every other config starts from this one and changes a few fields, so the keys here are the
+complete set that `train.train.validate_config` accepts.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # Data.
+    config.dataset = "mnist"  # mnist | fashion_mnist | cifar10 | cifar100
+    config.data_dir = "~/tensorflow_datasets"
+    config.prepare_data = True  # prepare the data offline on first use where possible
+    config.augment = False  # CIFAR-10+: pad 4, random 32x32 crop, horizontal flip (on device)
+
+    # Model.
+    config.model = "small_cnn"  # small_cnn | vgg_mnist | vgg_cifar
+
+    # Loss.
+    config.loss = "noisy"  # softmax | noisy | label_smoothing
+    config.noise = "annealed"  # free | amplitude | annealed (the paper's method)
+    config.alpha = 0.1
+    config.alpha_schedule = "constant"  # constant | linear | cosine (decay of alpha to 0)
+    config.sigma = 1.0
+    config.shared_noise = False  # one |xi| per mini-batch, as in the authors' Caffe code
+    config.negative = False  # raise the target logit instead (the paper's negative ablation)
+    config.label_smoothing = 0.1  # used by loss=label_smoothing only
+
+    # Optimization: SGD with momentum and weight decay.
+    config.batch_size = 128  # global, over all devices and processes
+    config.num_epochs = 3
+    config.num_steps = -1  # > 0 overrides num_epochs
+    config.learning_rate = 0.05
+    config.lr_schedule = "cosine"  # cosine | step | constant
+    config.lr_decay_at = (0.5, 0.75)  # fractions of training, for lr_schedule=step
+    config.lr_decay_factor = 0.1
+    config.warmup_steps = 0
+    config.momentum = 0.9
+    config.weight_decay = 5e-4
+
+    # Run.
+    config.seed = 0
+    config.eval_batch_size = 1000
+    config.log_every_steps = 50
+    config.eval_every_steps = -1  # -1: at the end of every epoch
+    config.checkpoint_every_steps = 500
+    config.max_checkpoints_to_keep = 2
+    config.progress_bar = True
+    return config

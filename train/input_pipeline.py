@@ -1,0 +1,185 @@
+"""Input pipeline: TFDS ArrayRecord data read through `tfds.data_source`, no TensorFlow.
+
+The datasets here are small (at most 60k images of 32x32x3), so each split is decoded once into
+host memory and batches are cut from it with NumPy. The order of the training data is a function
+of (seed, epoch) alone, so the batch of any step can be recomputed: a run resumed from a
+checkpoint at step s sees exactly the batches an uninterrupted run sees from step s on.
+
+Multi-host: every process computes the same global batch of indices and keeps its own
+contiguous slice; `jax.make_array_from_process_local_data` assembles the global array.
+Normalization and the CIFAR-10+ augmentation run on the device (see `augment`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train import prepare_data
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]  # per channel, on the 0..255 scale
+    std: tuple[float, ...]
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo(10, (28, 28, 1), (33.32,), (78.57,)),
+    "fashion_mnist": DatasetInfo(10, (28, 28, 1), (72.94,), (90.02,)),
+    "cifar10": DatasetInfo(10, (32, 32, 3), (125.31, 122.95, 113.87), (62.99, 62.09, 66.70)),
+    "cifar100": DatasetInfo(100, (32, 32, 3), (129.30, 124.07, 112.43), (68.17, 65.39, 70.42)),
+}
+
+
+def _open_source(dataset: str, split: str, data_dir: str):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    # download=False: TFDS's own preparation of these datasets needs TensorFlow; ours does not.
+    return tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
+
+
+def open_source(dataset: str, split: str, data_dir: str, *, prepare: bool = True):
+    """Returns the random-access `tfds.data_source` of a split, preparing the data on first use.
+
+    Raises:
+      prepare_data.DataUnavailableError: the data is not prepared and cannot be obtained; the
+        message names the package to install or the folder to fill.
+    """
+    data_dir = os.path.expanduser(data_dir)
+    try:
+        return _open_source(dataset, split, data_dir)
+    except Exception as error:  # pylint: disable=broad-except
+        # Missing data surfaces as DatasetNotFoundError, or, with download=False, as a misleading
+        # NotImplementedError about TFRECORD; either way the remedy is the same.
+        if not prepare:
+            raise prepare_data.DataUnavailableError(
+                f"{dataset} is not prepared in {data_dir} ({type(error).__name__}).\n"
+                + prepare_data.how_to_obtain(dataset, data_dir)
+            ) from None
+    prepare_data.prepare(dataset, data_dir)
+    return _open_source(dataset, split, data_dir)
+
+
+def load_split(
+    dataset: str, split: str, data_dir: str, *, prepare: bool = True, chunk: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decodes a whole split into uint8 images [N, H, W, C] and int32 labels [N]."""
+    source = open_source(dataset, split, data_dir, prepare=prepare)
+    images, labels = [], []
+    for start in range(0, len(source), chunk):
+        records = source.__getitems__(list(range(start, min(start + chunk, len(source)))))
+        images.extend(record["image"] for record in records)
+        labels.extend(record["label"] for record in records)
+    shape = DATASETS[dataset].image_shape
+    images = np.stack(images).astype(np.uint8).reshape((-1, *shape))
+    return images, np.asarray(labels, dtype=np.int32)
+
+
+class TrainBatches:
+    """The process-local part of the training batch of any step.
+
+    Epoch e visits the examples in the order `permutation(seed, e)`; the last incomplete batch
+    of each epoch is dropped, so `steps_per_epoch = N // global_batch_size`.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        global_batch_size: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        if global_batch_size % process_count:
+            raise ValueError(
+                f"batch_size {global_batch_size} is not divisible by the process count "
+                f"{process_count}"
+            )
+        if len(images) < global_batch_size:
+            raise ValueError(
+                f"batch_size {global_batch_size} exceeds the {len(images)} training examples"
+            )
+        self.images, self.labels = images, labels
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.process_index = process_index
+        self.seed = seed
+        self.steps_per_epoch = len(images) // global_batch_size
+        self._epoch, self._order = -1, None
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._order = np.random.default_rng((self.seed, epoch)).permutation(len(self.images))
+            self._epoch = epoch
+        return self._order
+
+    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        start = position * self.global_batch_size + self.process_index * self.local_batch_size
+        indices = np.sort(self.order(epoch)[start : start + self.local_batch_size])
+        return self.images[indices], self.labels[indices]
+
+
+def eval_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yields process-local (images, labels, mask) covering every example exactly once.
+
+    The last batch is padded to the full size; `mask` is False on the padding.
+    """
+    local = global_batch_size // process_count
+    for start in range(0, len(images), global_batch_size):
+        indices = np.arange(start, start + global_batch_size)[
+            process_index * local : (process_index + 1) * local
+        ]
+        mask = indices < len(images)
+        indices = np.where(mask, indices, 0)
+        yield images[indices], labels[indices], mask
+
+
+def normalize(images: jax.Array, dataset: str) -> jax.Array:
+    """uint8 [..., C] -> float32, standardized per channel with the training-set statistics."""
+    info = DATASETS[dataset]
+    return (images.astype(jnp.float32) - jnp.asarray(info.mean)) / jnp.asarray(info.std)
+
+
+def augment(rng: jax.Array, images: jax.Array, *, pad: int = 4, flip: bool = True) -> jax.Array:
+    """CIFAR-10+ augmentation on the device: zero-pad by `pad`, random crop back, random h-flip.
+
+    Args:
+      rng: a key; each example draws its own crop offset and flip.
+      images: [N, H, W, C] (uint8 or float; padding is with zeros, i.e. black pixels).
+      pad: pixels of padding on each side.
+      flip: whether to flip horizontally with probability 1/2.
+
+    Returns:
+      [N, H, W, C] augmented images, same dtype.
+    """
+    n, height, width, channels = images.shape
+    crop_key, flip_key = jax.random.split(rng)
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * pad + 1)
+
+    def crop(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
+
+    images = jax.vmap(crop)(padded, offsets)
+    if flip:
+        do_flip = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
+        images = jnp.where(do_flip, images[:, :, ::-1, :], images)
+    return images

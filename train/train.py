@@ -1,0 +1,635 @@
+"""Trains a CNN classifier with noisy softmax (or a baseline loss) and evaluates it.
+
+`train_and_evaluate(config, workdir)` is the whole run: it validates the config, loads the data,
+trains with data parallelism over all devices (a `Mesh` with one axis `data`: the batch is
+sharded, the state replicated), evaluates, and writes into `workdir`:
+
+  metrics.jsonl      one JSON object per log step and per evaluation
+  results.json       the final test accuracy and a sha256 fingerprint of the parameters
+  config.json        the config of the run (a resumed run must match it)
+  checkpoints/       Orbax checkpoints; rerunning on the same workdir resumes from the latest
+  tensorboard/       TensorBoard event files
+
+Reproducibility: the noise (and augmentation) key of step s is `fold_in(key(seed), s)`, derived
+inside the jitted step from raw key data kept in the state, and the batch of step s is a function
+of (seed, s). So a resumed run draws exactly what an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+import noisy_softmax_jax
+from noisy_softmax_jax import NOISE_VARIANTS
+from train import input_pipeline
+from train import models
+from train.configs import default as default_config
+
+LOSSES = ("softmax", "noisy", "label_smoothing")
+LR_SCHEDULES = ("cosine", "step", "constant")
+ALPHA_SCHEDULES = ("constant", "linear", "cosine")
+# Keys that change how a run reports or where it reads data, not what it computes: a resumed run
+# may change them.
+_NON_TRAJECTORY_KEYS = frozenset(
+    {
+        "data_dir",
+        "prepare_data",
+        "eval_batch_size",
+        "log_every_steps",
+        "eval_every_steps",
+        "checkpoint_every_steps",
+        "max_checkpoints_to_keep",
+        "progress_bar",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """The config names an unknown key or holds an impossible value."""
+
+
+class WorkdirError(OSError):
+    """The workdir cannot be written or belongs to a run with another config."""
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def _choice(config, key, allowed):
+    if config[key] not in allowed:
+        raise ConfigError(
+            f"config.{key}={config[key]!r} is not allowed; choose one of "
+            f"{', '.join(map(repr, allowed))}"
+        )
+
+
+def _check(condition, key, value, requirement):
+    if not condition:
+        raise ConfigError(f"config.{key}={value!r} is invalid: it must be {requirement}")
+
+
+def validate_config(
+    config: ml_collections.ConfigDict,
+    *,
+    num_devices: int | None = None,
+    num_processes: int | None = None,
+) -> None:
+    """Rejects unknown keys and impossible values before anything is compiled.
+
+    Args:
+      config: the run's config.
+      num_devices: devices the batch is sharded over (default: all).
+      num_processes: processes that feed the batch (default: `jax.process_count()`).
+
+    Raises:
+      ConfigError: naming the key and what it may be.
+    """
+    allowed = set(default_config.get_config().keys())
+    unknown = sorted(set(config.keys()) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(unknown)}; allowed keys: "
+            f"{', '.join(sorted(allowed))}"
+        )
+    missing = sorted(allowed - set(config.keys()))
+    if missing:
+        raise ConfigError(
+            f"config lacks the key(s) {', '.join(missing)} (start from train/configs/default.py)"
+        )
+    _choice(config, "dataset", tuple(input_pipeline.DATASETS))
+    _choice(config, "model", models.MODELS)
+    _choice(config, "loss", LOSSES)
+    _choice(config, "noise", NOISE_VARIANTS)
+    _choice(config, "lr_schedule", LR_SCHEDULES)
+    _choice(config, "alpha_schedule", ALPHA_SCHEDULES)
+    _check(config.learning_rate > 0, "learning_rate", config.learning_rate, "> 0")
+    _check(
+        config.alpha >= 0,
+        "alpha",
+        config.alpha,
+        ">= 0 (use config.negative=True for the negative-noise ablation)",
+    )
+    _check(config.sigma > 0, "sigma", config.sigma, "> 0")
+    _check(0 <= config.momentum < 1, "momentum", config.momentum, "in [0, 1)")
+    _check(config.weight_decay >= 0, "weight_decay", config.weight_decay, ">= 0")
+    _check(0 <= config.label_smoothing < 1, "label_smoothing", config.label_smoothing, "in [0, 1)")
+    _check(
+        config.num_steps > 0 or config.num_epochs > 0,
+        "num_epochs",
+        config.num_epochs,
+        "> 0 (or set config.num_steps > 0)",
+    )
+    _check(config.warmup_steps >= 0, "warmup_steps", config.warmup_steps, ">= 0")
+    _check(0 < config.lr_decay_factor <= 1, "lr_decay_factor", config.lr_decay_factor, "in (0, 1]")
+    decay_at = tuple(config.lr_decay_at)
+    _check(
+        all(0 < f < 1 for f in decay_at) and list(decay_at) == sorted(decay_at),
+        "lr_decay_at",
+        decay_at,
+        "increasing fractions of training in (0, 1)",
+    )
+    for key in ("log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep"):
+        _check(config[key] > 0, key, config[key], "> 0")
+    _check(
+        config.eval_every_steps == -1 or config.eval_every_steps > 0,
+        "eval_every_steps",
+        config.eval_every_steps,
+        "> 0, or -1 for once per epoch",
+    )
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    num_processes = jax.process_count() if num_processes is None else num_processes
+    for key in ("batch_size", "eval_batch_size"):
+        _check(
+            config[key] > 0 and config[key] % num_devices == 0 and config[key] % num_processes == 0,
+            key,
+            config[key],
+            f"a positive multiple of the device count ({num_devices}) and of the process "
+            f"count ({num_processes})",
+        )
+
+
+# --------------------------------------------------------------------------- state and schedules
+
+
+class TrainState(train_state.TrainState):
+    """Flax train state plus batch-norm statistics and the run's base key as raw uint32 data.
+
+    The key is stored as key data, not as a typed key, so checkpoints hold plain arrays.
+    """
+
+    batch_stats: Any = None
+    key_data: jax.Array | None = None
+
+    def step_key(self) -> jax.Array:
+        """The key of the current step: fold_in(base key, step)."""
+        return jax.random.fold_in(jax.random.wrap_key_data(self.key_data), self.step)
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+    return config.num_steps if config.num_steps > 0 else config.num_epochs * steps_per_epoch
+
+
+def learning_rate_schedule(config, num_steps: int) -> optax.Schedule:
+    """Cosine decay, or the step decay of Caffe-era training, after an optional linear warmup."""
+    warmup = config.warmup_steps
+    decay_steps = max(num_steps - warmup, 1)
+    if config.lr_schedule == "cosine":
+        schedule = optax.cosine_decay_schedule(config.learning_rate, decay_steps)
+    elif config.lr_schedule == "step":
+        schedule = optax.piecewise_constant_schedule(
+            config.learning_rate,
+            {
+                int(fraction * decay_steps): config.lr_decay_factor
+                for fraction in config.lr_decay_at
+            },
+        )
+    else:
+        schedule = optax.constant_schedule(config.learning_rate)
+    if warmup:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, config.learning_rate, warmup), schedule], [warmup]
+        )
+    return schedule
+
+
+def alpha_schedule(config, num_steps: int) -> optax.Schedule:
+    """alpha as a function of the step: constant (the paper), or decayed to 0 over training."""
+    if config.alpha_schedule == "linear":
+        alpha = optax.linear_schedule(config.alpha, 0.0, num_steps)
+    elif config.alpha_schedule == "cosine":
+        alpha = optax.cosine_decay_schedule(config.alpha, num_steps)
+    else:
+        alpha = config.alpha
+    return noisy_softmax_jax.alpha_schedule(alpha)
+
+
+def create_optimizer(config, learning_rate: optax.Schedule) -> optax.GradientTransformation:
+    """SGD with momentum; weight decay (added to the gradient, as Caffe does) on kernels only."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+        optax.sgd(learning_rate, momentum=config.momentum),
+    )
+
+
+def create_train_state(
+    config, model: nn.Module, tx: optax.GradientTransformation, image_shape: Sequence[int]
+) -> TrainState:
+    base_key = jax.random.key(config.seed)
+    init_key, noise_key = jax.random.split(base_key)
+    variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=tx,
+        batch_stats=variables.get("batch_stats", {}),
+        key_data=jax.random.key_data(noise_key),
+    )
+
+
+# --------------------------------------------------------------------------- losses and steps
+
+
+def compute_losses(
+    config,
+    output: noisy_softmax_jax.HeadOutput,
+    labels: jax.Array,
+    rng: jax.Array,
+    alpha: jax.Array,
+) -> jax.Array:
+    """Per-example training losses of the loss named by `config.loss`."""
+    if config.loss == "softmax":
+        return optax.softmax_cross_entropy_with_integer_labels(output.logits, labels)
+    if config.loss == "label_smoothing":
+        targets = optax.smooth_labels(
+            jax.nn.one_hot(labels, output.logits.shape[-1], dtype=output.logits.dtype),
+            config.label_smoothing,
+        )
+        return optax.softmax_cross_entropy(output.logits, targets)
+    return noisy_softmax_jax.noisy_softmax_cross_entropy(
+        output.logits,
+        labels,
+        rng,
+        alpha,
+        amplitude=output.amplitude(labels),
+        noise=config.noise,
+        sigma=config.sigma,
+        shared_noise=config.shared_noise,
+        negative=config.negative,
+    )
+
+
+def _variables(state: TrainState, params) -> dict:
+    if state.batch_stats:
+        return {"params": params, "batch_stats": state.batch_stats}
+    return {"params": params}
+
+
+def train_step(
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    *,
+    config,
+    learning_rate: optax.Schedule,
+    alpha_fn: optax.Schedule,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on a global batch of uint8 images; returns the new state and scalar metrics."""
+    noise_key, augment_key = jax.random.split(state.step_key())
+    if config.augment:
+        images = input_pipeline.augment(augment_key, images)
+    inputs = input_pipeline.normalize(images, config.dataset)
+    alpha = alpha_fn(state.step)
+    has_batch_stats = bool(state.batch_stats)
+
+    def loss_fn(params):
+        if has_batch_stats:
+            output, updates = state.apply_fn(
+                _variables(state, params), inputs, train=True, mutable=["batch_stats"]
+            )
+        else:
+            output, updates = state.apply_fn(_variables(state, params), inputs, train=True), {}
+        loss = compute_losses(config, output, labels, noise_key, alpha).mean()
+        return loss, (output, updates)
+
+    (loss, (output, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(
+        grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats)
+    )
+    noisy = config.loss == "noisy"
+    diagnostics = noisy_softmax_jax.saturation_metrics(
+        output.logits,
+        labels,
+        amplitude=output.amplitude(labels),
+        rng=noise_key if noisy else None,
+        alpha=alpha if noisy else 0.0,
+        noise=config.noise,
+        sigma=config.sigma,
+        shared_noise=config.shared_noise,
+        negative=config.negative,
+    )
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(output.logits, -1) == labels),
+        "learning_rate": learning_rate(state.step),
+        "alpha": jnp.asarray(alpha, jnp.float32),
+        **diagnostics,
+    }
+    return new_state, metrics
+
+
+def eval_step(
+    state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, *, config
+) -> dict[str, jax.Array]:
+    """Sums of the clean softmax loss and of correct predictions over the unmasked examples."""
+    output = state.apply_fn(
+        _variables(state, state.params),
+        input_pipeline.normalize(images, config.dataset),
+        train=False,
+    )
+    losses = optax.softmax_cross_entropy_with_integer_labels(output.logits, labels)
+    correct = jnp.argmax(output.logits, -1) == labels
+    return {
+        "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
+        "correct": jnp.sum(correct & mask),
+        "count": jnp.sum(mask),
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def params_fingerprint(params) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the parameters (replicated arrays)."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def check_workdir(workdir: str) -> None:
+    """Creates `workdir` and proves it writable, so a bad path fails before any work is done."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise WorkdirError(
+            f"workdir {workdir!r} is not writable: {error.strerror or error}"
+        ) from None
+
+
+def _config_for_comparison(config) -> dict:
+    return {k: v for k, v in json.loads(config.to_json()).items() if k not in _NON_TRAJECTORY_KEYS}
+
+
+def check_or_write_config(config, workdir: str, *, write: bool) -> None:
+    """Refuses to resume a run whose saved config differs in anything that shapes training."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = {k: v for k, v in json.load(f).items() if k not in _NON_TRAJECTORY_KEYS}
+        current = _config_for_comparison(config)
+        differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if differing:
+            raise WorkdirError(
+                f"workdir {workdir!r} holds a run with a different config ("
+                + ", ".join(
+                    f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in differing
+                )
+                + "); use a new workdir or the same config to resume"
+            )
+    if write:
+        with open(path, "w") as f:
+            f.write(config.to_json(indent=2, sort_keys=True))
+
+
+class MetricWriter:
+    """Writes metrics.jsonl and TensorBoard events; a no-op on every process but process 0."""
+
+    def __init__(self, workdir: str, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, kind: str, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, "kind": kind, **scalars}) + "\n")
+        self._jsonl.flush()
+        for name, value in scalars.items():
+            self._tensorboard.add_scalar(f"{kind}/{name}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tensorboard.close()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, devices: Sequence[jax.Device] | None = None
+) -> dict[str, Any]:
+    """Trains and evaluates the model of `config`, writing into `workdir`.
+
+    Args:
+      config: a config from `train/configs`.
+      workdir: where metrics, results, TensorBoard events and checkpoints go; a rerun on the same
+        workdir resumes from its latest checkpoint.
+      devices: devices to shard the batch over (default: all; for tests).
+
+    Returns:
+      The results also written to `<workdir>/results.json`.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    validate_config(config, num_devices=len(devices))
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    is_writer = jax.process_index() == 0
+    if is_writer:
+        check_workdir(workdir)
+        check_or_write_config(config, workdir, write=False)
+
+    # Data: the whole split in host memory; each process feeds its slice of every global batch.
+    info = input_pipeline.DATASETS[config.dataset]
+    train_images, train_labels = input_pipeline.load_split(
+        config.dataset, "train", config.data_dir, prepare=config.prepare_data
+    )
+    test_images, test_labels = input_pipeline.load_split(
+        config.dataset, "test", config.data_dir, prepare=config.prepare_data
+    )
+    batches = input_pipeline.TrainBatches(
+        train_images,
+        train_labels,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    num_steps = total_steps(config, batches.steps_per_epoch)
+    eval_every = (
+        batches.steps_per_epoch if config.eval_every_steps == -1 else config.eval_every_steps
+    )
+
+    # Mesh: the batch is split over the 'data' axis, the state is replicated.
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+    learning_rate = learning_rate_schedule(config, num_steps)
+    alpha_fn = alpha_schedule(config, num_steps)
+    model = models.create_model(config.model, info.num_classes)
+    tx = create_optimizer(config, learning_rate)
+    init = jax.jit(
+        lambda: create_train_state(config, model, tx, info.image_shape), out_shardings=replicated
+    )
+    state = init()
+
+    checkpoints = ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.max_checkpoints_to_keep, create=True
+        ),
+    )
+    start_step = 0
+    if checkpoints.latest_step() is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        state = checkpoints.restore(
+            checkpoints.latest_step(), args=ocp.args.StandardRestore(abstract)
+        )
+        start_step = int(jax.device_get(state.step))
+        logging.info("Resumed from the checkpoint at step %d", start_step)
+    if is_writer:
+        check_or_write_config(config, workdir, write=True)
+
+    p_train_step = jax.jit(
+        lambda s, x, y: train_step(
+            s, x, y, config=config, learning_rate=learning_rate, alpha_fn=alpha_fn
+        ),
+        in_shardings=(replicated, sharded, sharded),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    p_eval_step = jax.jit(
+        lambda s, x, y, m: eval_step(s, x, y, m, config=config),
+        in_shardings=(replicated, sharded, sharded, sharded),
+        out_shardings=replicated,
+    )
+
+    def global_array(local):
+        return jax.make_array_from_process_local_data(sharded, local)
+
+    def evaluate(step):
+        sums = []
+        for images, labels, mask in tqdm.tqdm(
+            input_pipeline.eval_batches(
+                test_images,
+                test_labels,
+                global_batch_size=config.eval_batch_size,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            ),
+            total=math.ceil(len(test_images) / config.eval_batch_size),
+            desc=f"eval @{step}",
+            leave=False,
+            disable=not (is_writer and config.progress_bar),
+            unit="batch",
+        ):
+            sums.append(
+                p_eval_step(state, global_array(images), global_array(labels), global_array(mask))
+            )
+        totals = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(sums))
+        return {
+            "test_loss": totals["loss_sum"] / totals["count"],
+            "test_accuracy": totals["correct"] / totals["count"],
+        }
+
+    writer = MetricWriter(workdir, is_writer)
+    progress = tqdm.tqdm(
+        total=num_steps,
+        initial=start_step,
+        unit="step",
+        desc="train",
+        disable=not (is_writer and config.progress_bar),
+        dynamic_ncols=True,
+    )
+    pending: list[dict[str, jax.Array]] = []
+    eval_metrics: dict[str, float] = {}
+    train_time = 0.0  # wall time of the training steps (first interval includes compilation)
+    interval_start, interval_steps, interval_paused = time.perf_counter(), 0, 0.0
+    try:
+        for step in range(start_step, num_steps):
+            images, labels = batches(step)
+            state, metrics = p_train_step(state, global_array(images), global_array(labels))
+            pending.append(metrics)
+            interval_steps += 1
+            progress.update(1)
+            done = step + 1
+            if done % config.log_every_steps == 0 or done == num_steps:
+                # device_get waits for the interval's steps, so the wall time below is honest.
+                means = jax.tree.map(lambda *xs: float(np.mean(xs)), *jax.device_get(pending))
+                elapsed = time.perf_counter() - interval_start - interval_paused
+                train_time += elapsed
+                means["images_per_sec"] = interval_steps * config.batch_size / elapsed
+                writer.write(done, "train", means)
+                progress.set_postfix(
+                    loss=f"{means['loss']:.4f}",
+                    acc=f"{means['accuracy']:.3f}",
+                    img_s=f"{means['images_per_sec']:.0f}",
+                )
+                pending = []
+                interval_start, interval_steps, interval_paused = time.perf_counter(), 0, 0.0
+            pause_start = time.perf_counter()
+            if done % eval_every == 0 or done == num_steps:
+                jax.block_until_ready(state)  # keep the pending steps out of the eval's time
+                pause_start = time.perf_counter()
+                eval_metrics = evaluate(done)
+                writer.write(done, "eval", eval_metrics)
+                line = (
+                    f"step {done}/{num_steps}: test loss {eval_metrics['test_loss']:.4f}, "
+                    f"test accuracy {eval_metrics['test_accuracy']:.4f}"
+                )
+                if is_writer and config.progress_bar:
+                    progress.write(line)
+                else:
+                    logging.info(line)
+            if done % config.checkpoint_every_steps == 0 or done == num_steps:
+                checkpoints.save(done, args=ocp.args.StandardSave(state))
+            interval_paused += time.perf_counter() - pause_start
+    finally:
+        progress.close()
+        checkpoints.wait_until_finished()
+
+    if not eval_metrics:  # nothing left to train: the run had finished; evaluate again
+        eval_metrics = evaluate(num_steps)
+    images_trained = (num_steps - start_step) * config.batch_size
+    results = {
+        "dataset": config.dataset,
+        "model": config.model,
+        "loss": config.loss,
+        "noise": config.noise if config.loss == "noisy" else None,
+        "alpha": config.alpha if config.loss == "noisy" else None,
+        "alpha_schedule": config.alpha_schedule if config.loss == "noisy" else None,
+        "seed": config.seed,
+        "steps": num_steps,
+        "batch_size": config.batch_size,
+        "resumed_from_step": start_step,
+        "test_accuracy": eval_metrics["test_accuracy"],
+        "test_error": 1.0 - eval_metrics["test_accuracy"],
+        "test_loss": eval_metrics["test_loss"],
+        "train_time_s": train_time,
+        "images_per_sec": images_trained / train_time if train_time else None,
+        "num_devices": len(devices),
+        "params_sha256": params_fingerprint(state.params),
+    }
+    if is_writer:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    writer.close()
+    checkpoints.close()
+    return results
