@@ -53,14 +53,16 @@ MAIN = {
 # Where does training collapse? alpha beyond the main grid, and with a smaller learning rate or
 # without weight decay (the main grid's noisy_a0.5 and noisy_a1.0 are the default-lr points).
 ALPHA_RANGE = {
+    "noisy_a0.2": {"loss": "noisy", "alpha": 0.2},
+    "noisy_a0.3": {"loss": "noisy", "alpha": 0.3},
     "noisy_a2.0": {"loss": "noisy", "alpha": 2.0},
+    "softmax_lr0.01": {"loss": "softmax", "learning_rate": 0.01},
+    "noisy_a0.1_lr0.01": {"loss": "noisy", "alpha": 0.1, "learning_rate": 0.01},
     "noisy_a0.5_lr0.01": {"loss": "noisy", "alpha": 0.5, "learning_rate": 0.01},
     "noisy_a1.0_lr0.01": {"loss": "noisy", "alpha": 1.0, "learning_rate": 0.01},
     "noisy_a2.0_lr0.01": {"loss": "noisy", "alpha": 2.0, "learning_rate": 0.01},
     "noisy_a0.5_wd0": {"loss": "noisy", "alpha": 0.5, "weight_decay": 0.0},
     "noisy_a1.0_wd0": {"loss": "noisy", "alpha": 1.0, "weight_decay": 0.0},
-    "noisy_a2.0_wd0": {"loss": "noisy", "alpha": 2.0, "weight_decay": 0.0},
-    "softmax_lr0.01": {"loss": "softmax", "learning_rate": 0.01},
 }
 
 GRIDS = {"main": MAIN, "alpha_range": ALPHA_RANGE}
@@ -335,10 +337,13 @@ def alpha_range_table(rows: list[dict], dataset: str) -> str:
         "| final train loss | final amplitude | final logit std | trains? |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    order = {n: i for i, n in enumerate(names)}
+    def sort_key(row):
+        config = row.get("config", {})
+        alpha = -1.0 if row.get("alpha") is None else row["alpha"]
+        return (-config.get("learning_rate", 0), -config.get("weight_decay", 0), alpha, row["seed"])
+
     selected = sorted(
-        (r for r in rows if r["dataset"] == dataset and r["name"] in order),
-        key=lambda r: (order[r["name"]], r["seed"]),
+        (r for r in rows if r["dataset"] == dataset and r["name"] in names), key=sort_key
     )
     for row in selected:
         config = row.get("config", {})
@@ -364,7 +369,11 @@ def alpha_range_table(rows: list[dict], dataset: str) -> str:
 
 def significance_summary(verdicts: list, dataset: str) -> list[str]:
     lines = []
-    for name, delta, p_value, separate in verdicts:
+    testable = [v for v in verdicts if v[3] != "n/a"]
+    if not testable:
+        return [f"- {dataset}: fewer than 2 seeds per configuration so far: no test of the "
+                "differences."]
+    for name, delta, p_value, separate in testable:
         significant_t = not _is_nan(p_value) and p_value < 0.05
         if significant_t or separate == "disjoint":
             direction = "lower" if delta < 0 else "higher"
