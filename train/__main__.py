@@ -4,4 +4,4 @@ from absl import app
 
 from train import main
 
-app.run(main.main)
+app.run(main.main, flags_parser=main.parse_flags)

@@ -153,11 +153,15 @@ def _code_version() -> str:
     try:
         import subprocess  # pylint: disable=g-import-not-at-top
 
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--",
-                                "train", "noisy_softmax_jax"], capture_output=True, text=True,
-                               check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "train", "noisy_softmax_jax"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return commit + ("+uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -337,6 +341,7 @@ def alpha_range_table(rows: list[dict], dataset: str) -> str:
         "| final train loss | final amplitude | final logit std | trains? |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
     def sort_key(row):
         config = row.get("config", {})
         alpha = -1.0 if row.get("alpha") is None else row["alpha"]
@@ -371,8 +376,9 @@ def significance_summary(verdicts: list, dataset: str) -> list[str]:
     lines = []
     testable = [v for v in verdicts if v[3] != "n/a"]
     if not testable:
-        return [f"- {dataset}: fewer than 2 seeds per configuration so far: no test of the "
-                "differences."]
+        return [
+            f"- {dataset}: fewer than 2 seeds per configuration so far: no test of the differences."
+        ]
     for name, delta, p_value, separate in testable:
         significant_t = not _is_nan(p_value) and p_value < 0.05
         if significant_t or separate == "disjoint":
@@ -481,7 +487,8 @@ def plot_test_error(rows: list[dict], path: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-    datasets = [d for d in DATASETS if any(r["dataset"] == d and r["name"] in MAIN for r in rows)]
+    present = {r["dataset"] for r in rows if r["name"] in MAIN}
+    datasets = [d for d in DATASETS if d in present] + sorted(present - set(DATASETS))
     if not datasets:
         return False
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
@@ -516,8 +523,12 @@ TABLES_END = "<!-- tables:end -->"
 def report(results: str) -> str:
     """Writes `<results>/tables.md` and the plots; fills the tables into `<results>/README.md`."""
     rows = load_runs(results)
+    # The CPU grid has MNIST and Fashion-MNIST; runs of other datasets laid out the same way
+    # (results/REPRODUCE.md: CIFAR on a GPU or TPU) are reported too.
+    datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
+    datasets += sorted({r["dataset"] for r in rows} - set(datasets))
     parts = []
-    for dataset in DATASETS:
+    for dataset in datasets:
         if not any(r["dataset"] == dataset for r in rows):
             continue
         table, verdicts = comparison_table(rows, dataset, list(MAIN))
@@ -529,7 +540,7 @@ def report(results: str) -> str:
             *significance_summary(verdicts, dataset),
             "",
         ]
-    for dataset in DATASETS:
+    for dataset in datasets:
         if any(r["dataset"] == dataset and r["name"].startswith("noisy") for r in rows):
             parts += [
                 f"### {dataset}: where alpha stops training (every run)",
@@ -538,7 +549,7 @@ def report(results: str) -> str:
                 "",
             ]
     plots = []
-    for dataset in DATASETS:
+    for dataset in datasets:
         path = os.path.join(results, f"saturation_{dataset}.png")
         if plot_saturation(rows, dataset, path):
             plots.append(path)

@@ -30,6 +30,24 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv):
+    """absl's flag parsing, with a bad flag or config override reported in one line, not a trace."""
+    try:
+        remaining = FLAGS(argv)
+        FLAGS.config.keys()  # the config file loads lazily; a missing or broken one fails here
+        return remaining
+    except (AttributeError, KeyError) as error:
+        # ml_collections raises these for an override of a key the config does not have.
+        detail = str(error.args[0] if error.args else error)
+        detail = detail.strip("'\"").replace("\\'", "'").replace("\\n", " ")
+        sys.exit(
+            f"error: unknown config key in a --config override: {detail}\n"
+            "The keys a config accepts are those of train/configs/default.py."
+        )
+    except (flags.Error, OSError) as error:
+        sys.exit(f"error: {error}\nPass --helpfull for the flags.")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
@@ -60,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

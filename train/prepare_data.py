@@ -243,8 +243,6 @@ def prepare(
     Raises:
       DataUnavailableError: the raw files are neither present nor downloadable.
     """
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     data_dir = os.path.expanduser(data_dir)

@@ -17,13 +17,14 @@ of (seed, s). So a resumed run draws exactly what an uninterrupted run would hav
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import os
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 from absl import logging
 import flax.linen as nn
@@ -430,6 +431,65 @@ class MetricWriter:
             self._tensorboard.close()
 
 
+class JittedFunctions(NamedTuple):
+    """The compiled pieces of a run, for one config, length and set of devices."""
+
+    init: Callable[[], TrainState]
+    train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+    eval_step: Callable[..., dict[str, jax.Array]]
+    learning_rate: optax.Schedule
+    replicated: jax.sharding.NamedSharding
+    sharded: jax.sharding.NamedSharding
+
+
+_JITTED_CACHE: dict[tuple, JittedFunctions] = {}
+
+
+def jitted_functions(config, num_steps: int, devices: Sequence[jax.Device]) -> JittedFunctions:
+    """Builds (or reuses, within a process) the jitted init, train and eval steps.
+
+    Mesh: the batch is split over the 'data' axis and the state is replicated; the train step
+    donates the old state. Runs in one process with the same config reuse the compiled code.
+    """
+    cache_key = (config.to_json(sort_keys=True), num_steps, tuple(d.id for d in devices))
+    if cache_key in _JITTED_CACHE:
+        return _JITTED_CACHE[cache_key]
+    info = input_pipeline.DATASETS[config.dataset]
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    learning_rate = learning_rate_schedule(config, num_steps)
+    alpha_fn = alpha_schedule(config, num_steps)
+    model = models.create_model(config.model, info.num_classes)
+    tx = create_optimizer(config, learning_rate)
+    functions = JittedFunctions(
+        init=jax.jit(
+            lambda: create_train_state(config, model, tx, info.image_shape),
+            out_shardings=replicated,
+        ),
+        train_step=jax.jit(
+            functools.partial(
+                train_step, config=config, learning_rate=learning_rate, alpha_fn=alpha_fn
+            ),
+            in_shardings=(replicated, sharded, sharded),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        ),
+        eval_step=jax.jit(
+            functools.partial(eval_step, config=config),
+            in_shardings=(replicated, sharded, sharded, sharded),
+            out_shardings=replicated,
+        ),
+        learning_rate=learning_rate,
+        replicated=replicated,
+        sharded=sharded,
+    )
+    if len(_JITTED_CACHE) >= 4:
+        _JITTED_CACHE.pop(next(iter(_JITTED_CACHE)))
+    _JITTED_CACHE[cache_key] = functions
+    return functions
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -456,7 +516,6 @@ def train_and_evaluate(
         check_or_write_config(config, workdir, write=False)
 
     # Data: the whole split in host memory; each process feeds its slice of every global batch.
-    info = input_pipeline.DATASETS[config.dataset]
     train_images, train_labels = input_pipeline.load_split(
         config.dataset, "train", config.data_dir, prepare=config.prepare_data
     )
@@ -476,19 +535,9 @@ def train_and_evaluate(
         batches.steps_per_epoch if config.eval_every_steps == -1 else config.eval_every_steps
     )
 
-    # Mesh: the batch is split over the 'data' axis, the state is replicated.
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-
-    learning_rate = learning_rate_schedule(config, num_steps)
-    alpha_fn = alpha_schedule(config, num_steps)
-    model = models.create_model(config.model, info.num_classes)
-    tx = create_optimizer(config, learning_rate)
-    init = jax.jit(
-        lambda: create_train_state(config, model, tx, info.image_shape), out_shardings=replicated
-    )
-    state = init()
+    functions = jitted_functions(config, num_steps, devices)
+    sharded = functions.sharded
+    state = functions.init()
 
     checkpoints = ocp.CheckpointManager(
         os.path.join(workdir, "checkpoints"),
@@ -507,19 +556,7 @@ def train_and_evaluate(
     if is_writer:
         check_or_write_config(config, workdir, write=True)
 
-    p_train_step = jax.jit(
-        lambda s, x, y: train_step(
-            s, x, y, config=config, learning_rate=learning_rate, alpha_fn=alpha_fn
-        ),
-        in_shardings=(replicated, sharded, sharded),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
-    p_eval_step = jax.jit(
-        lambda s, x, y, m: eval_step(s, x, y, m, config=config),
-        in_shardings=(replicated, sharded, sharded, sharded),
-        out_shardings=replicated,
-    )
+    p_train_step, p_eval_step = functions.train_step, functions.eval_step
 
     def global_array(local):
         return jax.make_array_from_process_local_data(sharded, local)
