@@ -240,6 +240,9 @@ def load_runs(results: str) -> list[dict[str, Any]]:
         with open(path) as f:
             row = json.load(f)
         row["name"] = os.path.basename(os.path.dirname(workdir))
+        # The folder names the table a run belongs to: the same as results.json's dataset for
+        # the CPU grid, and e.g. cifar10_plus for augmented CIFAR-10 runs (REPRODUCE.md).
+        row["dataset"] = os.path.basename(os.path.dirname(os.path.dirname(workdir)))
         row["workdir"] = workdir
         config_path = os.path.join(workdir, "config.json")
         if os.path.exists(config_path):
