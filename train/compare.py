@@ -473,8 +473,8 @@ def plot_saturation(rows: list[dict], dataset: str, path: str) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(
-        f"{dataset}: softmax vs noisy softmax (alpha = 0.1), small CNN, batch 64; "
-        "lines: mean over seeds, bands: min-max",
+        f"{dataset}: softmax vs noisy softmax (alpha = 0.1); lines: mean over seeds, "
+        "bands: min-max over seeds; test error: seed 0",
         fontsize=11,
     )
     fig.tight_layout()
