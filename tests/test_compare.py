@@ -27,6 +27,31 @@ def test_every_configuration_is_a_valid_config(name):
         assert config[key] == value
 
 
+def test_stop_norm_gradient_leaves_only_the_gradient_through_the_logits():
+    import jax
+    import jax.numpy as jnp
+    from noisy_softmax_jax import HeadOutput
+
+    config = compare.run_config(compare.Run("mnist", "noisy_a1.0_nonormgrad", 0))
+    labels = jnp.array([0, 1])
+    logits = jnp.array([[1.0, 0.5, -1.0], [0.2, 0.1, 0.3]])
+
+    def loss(feature_norm, class_norm, logits):
+        output = HeadOutput(logits, feature_norm, class_norm)
+        return train_lib.compute_losses(config, output, labels, jax.random.key(0), 1.0).sum()
+
+    args = (jnp.array([2.0, 3.0]), jnp.array([1.0, 1.5, 2.0]), logits)
+    grad_norms = jax.grad(loss, argnums=(0, 1, 2))(*args)
+    assert float(jnp.abs(grad_norms[0]).sum()) > 0
+    with compare._norm_gradient_stopped(True):  # pylint: disable=protected-access
+        stopped = jax.grad(loss, argnums=(0, 1, 2))(*args)
+    assert float(jnp.abs(stopped[0]).sum()) == float(jnp.abs(stopped[1]).sum()) == 0.0
+    assert float(jnp.abs(stopped[2]).sum()) > 0
+    assert train_lib.compute_losses.__name__ == "compute_losses"  # restored
+    assert compare.STOP_NORM_GRADIENT == {
+        "noisy_a0.1_nonormgrad", "noisy_a0.5_nonormgrad", "noisy_a1.0_nonormgrad"}
+
+
 def test_only_the_saturation_pair_evaluates_during_training_and_only_seed_0():
     evals = {
         (name, seed): compare.run_config(compare.Run("mnist", name, seed)).eval_every_steps
@@ -121,7 +146,7 @@ def test_report_writes_tables_plots_and_fills_the_readme(tmp_path):
     assert "| noisy_a0.1 | 3 | 2.60 ± 0.10 | -0.50 |" in tables
     assert "disjoint" in tables
     assert "noisy_a0.1 has lower test error than softmax by 0.50 pp" in tables
-    assert "| noisy_a2.0 | 2.0 | 0.05 | 0.0005 | 0 | 90.00 |" in tables
+    assert "| noisy_a2.0 | 2.0 | 0.05 | 0.0005 | yes | 0 | 90.00 |" in tables
     assert "collapsed" in tables
     readme = _read(os.path.join(results, "README.md"))
     assert "old" not in readme and tables.strip() in readme and readme.endswith("the end\n")

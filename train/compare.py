@@ -20,6 +20,7 @@ fields of its configuration, so configurations differ in the loss alone unless n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import glob
@@ -63,7 +64,15 @@ ALPHA_RANGE = {
     "noisy_a2.0_lr0.01": {"loss": "noisy", "alpha": 2.0, "learning_rate": 0.01},
     "noisy_a0.5_wd0": {"loss": "noisy", "alpha": 0.5, "weight_decay": 0.0},
     "noisy_a1.0_wd0": {"loss": "noisy", "alpha": 1.0, "weight_decay": 0.0},
+    "noisy_a0.1_nonormgrad": {"loss": "noisy", "alpha": 0.1},
+    "noisy_a0.5_nonormgrad": {"loss": "noisy", "alpha": 0.5},
+    "noisy_a1.0_nonormgrad": {"loss": "noisy", "alpha": 1.0},
 }
+
+# "No gradient through the norms": the amplitude ||W_y|| ||x|| enters the loss as a constant
+# (its gradient is stopped; f_y still gets its gradient). The training config has no key for
+# this, so the runner wraps `train.compute_losses` for these runs only; run_info.json says so.
+STOP_NORM_GRADIENT = frozenset(n for n in ALPHA_RANGE if n.endswith("_nonormgrad"))
 
 GRIDS = {"main": MAIN, "alpha_range": ALPHA_RANGE}
 CONFIGURATIONS = {**MAIN, **ALPHA_RANGE}
@@ -167,6 +176,32 @@ def _code_version() -> str:
         return "unknown"
 
 
+@contextlib.contextmanager
+def _norm_gradient_stopped(active: bool):
+    """While active, `train.compute_losses` sees the head's norms as constants."""
+    from train import train  # pylint: disable=g-import-not-at-top
+
+    if not active:
+        yield
+        return
+    import jax  # pylint: disable=g-import-not-at-top
+
+    compute_losses = train.compute_losses
+
+    def without_norm_gradient(config, output, labels, rng, alpha):
+        output = output._replace(
+            feature_norm=jax.lax.stop_gradient(output.feature_norm),
+            class_norm=jax.lax.stop_gradient(output.class_norm),
+        )
+        return compute_losses(config, output, labels, rng, alpha)
+
+    train.compute_losses = without_norm_gradient
+    try:
+        yield
+    finally:
+        train.compute_losses = compute_losses
+
+
 def machine_info() -> dict[str, Any]:
     import jax  # pylint: disable=g-import-not-at-top
 
@@ -205,7 +240,8 @@ def train_runs(runs: Sequence[Run], results: str, data_dir: str | None = None) -
             flush=True,
         )
         try:
-            outcome = train.train_and_evaluate(run_config(run, data_dir), workdir)
+            with _norm_gradient_stopped(run.name in STOP_NORM_GRADIENT):
+                outcome = train.train_and_evaluate(run_config(run, data_dir), workdir)
         except Exception:  # pylint: disable=broad-except
             # One broken run must not stop the grid; its workdir keeps the traceback.
             os.makedirs(workdir, exist_ok=True)
@@ -219,6 +255,7 @@ def train_runs(runs: Sequence[Run], results: str, data_dir: str | None = None) -
             "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"
             ),
+            "stop_norm_gradient": run.name in STOP_NORM_GRADIENT,
             **machine_info(),
         }
         with open(os.path.join(workdir, "run_info.json"), "w") as f:
@@ -248,6 +285,10 @@ def load_runs(results: str) -> list[dict[str, Any]]:
         if os.path.exists(config_path):
             with open(config_path) as f:
                 row["config"] = json.load(f)
+        info_path = os.path.join(workdir, "run_info.json")
+        if os.path.exists(info_path):
+            with open(info_path) as f:
+                row["run_info"] = json.load(f)
         rows.append(row)
     return rows
 
@@ -340,15 +381,22 @@ def alpha_range_table(rows: list[dict], dataset: str) -> str:
     """Per run of the noisy configurations (and their softmax baselines): does it train?"""
     names = [n for n in CONFIGURATIONS if n.startswith(("noisy", "softmax"))]
     lines = [
-        "| configuration | alpha | learning rate | weight decay | seed | test error % "
-        "| final train loss | final amplitude | final logit std | trains? |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | alpha | learning rate | weight decay | gradient through norms "
+        "| seed | test error % | final train loss | final amplitude | final logit std | trains? |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def sort_key(row):
         config = row.get("config", {})
         alpha = -1.0 if row.get("alpha") is None else row["alpha"]
-        return (-config.get("learning_rate", 0), -config.get("weight_decay", 0), alpha, row["seed"])
+        stopped = bool(row.get("run_info", {}).get("stop_norm_gradient"))
+        return (
+            stopped,
+            -config.get("learning_rate", 0),
+            -config.get("weight_decay", 0),
+            alpha,
+            row["seed"],
+        )
 
     selected = sorted(
         (r for r in rows if r["dataset"] == dataset and r["name"] in names), key=sort_key
@@ -368,6 +416,7 @@ def alpha_range_table(rows: list[dict], dataset: str) -> str:
         lines.append(
             f"| {row['name']} | {'-' if alpha is None else alpha} "
             f"| {config.get('learning_rate', '?')} | {config.get('weight_decay', '?')} "
+            f"| {'stopped' if row.get('run_info', {}).get('stop_norm_gradient') else 'yes'} "
             f"| {row['seed']} | {_pct(row['test_error'])} | {loss:.4g} "
             f"| {_last(train_records, 'amplitude'):.3g} | {_last(train_records, 'logit_std'):.3g} "
             f"| {verdict} |"
