@@ -638,6 +638,21 @@ def train_and_evaluate(
             if done % config.checkpoint_every_steps == 0 or done == num_steps:
                 checkpoints.save(done, args=ocp.args.StandardSave(state))
             interval_paused += time.perf_counter() - pause_start
+    except KeyboardInterrupt:
+        # The batch and the noise of a step follow from the step alone, so a checkpoint of the
+        # current state resumes exactly. (If the interrupt hit while a step held the donated
+        # state, there is nothing consistent to save: the last periodic checkpoint stands.)
+        try:
+            interrupted_at = int(jax.device_get(state.step))
+            if checkpoints.latest_step() != interrupted_at:
+                checkpoints.save(interrupted_at, args=ocp.args.StandardSave(state), force=True)
+            progress.write(
+                f"Interrupted: checkpoint at step {interrupted_at}; rerun the same command "
+                "to resume."
+            )
+        except Exception:  # pylint: disable=broad-except
+            logging.warning("Interrupted; resuming from the last periodic checkpoint.")
+        raise
     finally:
         progress.close()
         checkpoints.wait_until_finished()

@@ -162,3 +162,40 @@ def test_eight_devices_match_one_device(finished_run, tmp_path, mock_mnist):
         for key in ("loss", "accuracy", "target_prob", "amplitude", "test_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("config_name", "image_shape"), [("mnist_paper", (28, 28, 1)), ("cifar10_plus", (32, 32, 3))]
+)
+def test_paper_configs_take_a_train_step(config_name, image_shape):
+    """The VGG nets (batch norm) and the on-device CIFAR-10+ augmentation inside the step."""
+    import importlib
+
+    config = importlib.import_module(f"train.configs.{config_name}").get_config("runlocal")
+    info = input_pipeline.DATASETS[config.dataset]
+    model = models.create_model(config.model, info.num_classes)
+    learning_rate = train.learning_rate_schedule(config, config.num_steps)
+    state = train.create_train_state(
+        config, model, train.create_optimizer(config, learning_rate), image_shape
+    )
+    assert state.batch_stats  # the VGG nets use batch norm
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, *image_shape), dtype=np.uint8)
+    labels = rng.integers(0, info.num_classes, 8).astype(np.int32)
+    step = jax.jit(
+        lambda s, x, y: train.train_step(
+            s,
+            x,
+            y,
+            config=config,
+            learning_rate=learning_rate,
+            alpha_fn=train.alpha_schedule(config, config.num_steps),
+        )
+    )
+    new_state, metrics = step(state, images, labels)
+    assert np.isfinite(metrics["loss"])
+    moved = jax.tree.map(
+        lambda a, b: not np.allclose(a, b), state.batch_stats, new_state.batch_stats
+    )
+    assert all(jax.tree.leaves(moved))
