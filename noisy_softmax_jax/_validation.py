@@ -33,8 +33,21 @@ def _dtype_name(x) -> str:
     return str(jnp.result_type(x)) if hasattr(x, "dtype") else type(x).__name__
 
 
+def _as_array(name: str, x) -> jax.Array:
+    """``jnp.asarray(x)``, with an error that names the argument when ``x`` is not numeric."""
+    if isinstance(x, jax.Array):
+        return x
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as error:  # None, strings, ragged or object arrays
+        raise TypeError(
+            f"`{name}` must be a numeric array or number; got {type(x).__name__} that JAX "
+            f"cannot convert ({error})."
+        ) from None
+
+
 def check_floating(name: str, x, shape_hint: str) -> jax.Array:
-    x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+    x = _as_array(name, x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
             f"`{name}` must be a floating array {shape_hint} (float32, bfloat16 or "
@@ -44,7 +57,16 @@ def check_floating(name: str, x, shape_hint: str) -> jax.Array:
 
 
 def check_labels(labels, logits: jax.Array) -> jax.Array:
-    labels = jnp.asarray(labels) if not isinstance(labels, jax.Array) else labels
+    if not isinstance(labels, jax.Array):
+        # Checked on the host before JAX converts them: without x64, JAX stores int64 labels
+        # as int32, which would wrap an out-of-range label such as 2**32 into a valid one.
+        try:
+            labels = np.asarray(labels)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"`labels` must be an integer array of class indices; got {type(labels).__name__} "
+                f"that NumPy cannot convert ({error})."
+            ) from None
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(
             f"`labels` must be an integer array of class indices; got dtype {labels.dtype}."
@@ -66,11 +88,15 @@ def check_labels(labels, logits: jax.Array) -> jax.Array:
                 f"`labels` must lie in [0, {num_classes}) for logits with {num_classes} "
                 f"classes; labels{list(index)} = {values[index]}."
             )
-    return labels
+    return jnp.asarray(labels) if not isinstance(labels, jax.Array) else labels
 
 
 def check_per_example(name: str, x, labels: jax.Array, *, floating: bool) -> jax.Array:
-    x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+    if not floating and not isinstance(x, jax.Array):
+        # A mask: truth taken on the host, so an int64 2**32 stays True instead of wrapping to 0.
+        host = np.asarray(x)
+        x = host != 0 if np.issubdtype(host.dtype, np.number) else host
+    x = _as_array(name, x)
     if floating and not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"`{name}` must be a floating array; got dtype {x.dtype}.")
     if x.shape != labels.shape:
@@ -82,7 +108,7 @@ def check_per_example(name: str, x, labels: jax.Array, *, floating: bool) -> jax
 
 
 def check_nonnegative_scalar(name: str, x) -> jax.Array:
-    x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+    x = _as_array(name, x)
     if x.ndim != 0:
         raise ValueError(f"`{name}` must be a scalar; got shape {x.shape}.")
     if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
@@ -90,6 +116,9 @@ def check_nonnegative_scalar(name: str, x) -> jax.Array:
     value = concrete_value(x)
     if value is not None and not value >= 0:
         raise ValueError(f"`{name}` must be >= 0; got {name} = {value}.")
+    if value is not None and not np.isfinite(value):
+        # Also catches a Python float too large for float32 (1e39 becomes inf on conversion).
+        raise ValueError(f"`{name}` must be finite; got {name} = {value}.")
     return x
 
 
