@@ -401,15 +401,20 @@ def alpha_range_table(rows: list[dict], dataset: str) -> str:
     selected = sorted(
         (r for r in rows if r["dataset"] == dataset and r["name"] in names), key=sort_key
     )
+    softmax_errors = [r["test_error"] for r in selected if r["name"] == "softmax"]
+    baseline = mean_std(softmax_errors)[0] if softmax_errors else None
     for row in selected:
         config = row.get("config", {})
         train_records, _ = read_metrics(row["workdir"])
         loss = _last(train_records, "loss")
         accuracy = row["test_accuracy"]
+        dead = [r["step"] for r in train_records if r.get("amplitude", 1.0) < 1e-3]
         if _is_nan(loss) or (isinstance(accuracy, float) and math.isnan(accuracy)):
             verdict = "diverged (NaN)"
         elif accuracy <= COLLAPSE_ACCURACY:
-            verdict = "collapsed"
+            verdict = "collapsed" + (f", amplitude < 1e-3 from step {dead[0]}" if dead else "")
+        elif baseline and row["test_error"] > 2 * baseline:
+            verdict = "degraded (over 2x the softmax error)"
         else:
             verdict = "yes"
         alpha = row.get("alpha")
