@@ -409,10 +409,14 @@ def alpha_range_table(rows: list[dict], dataset: str) -> str:
         loss = _last(train_records, "loss")
         accuracy = row["test_accuracy"]
         dead = [r["step"] for r in train_records if r.get("amplitude", 1.0) < 1e-3]
-        if _is_nan(loss) or (isinstance(accuracy, float) and math.isnan(accuracy)):
-            verdict = "diverged (NaN)"
+        nan = [r["step"] for r in train_records if _is_nan(r.get("loss", 0.0))]
+        if nan or (isinstance(accuracy, float) and math.isnan(accuracy)):
+            verdict = "diverged (NaN loss" + (f" from step {nan[0]})" if nan else ")")
+        elif accuracy <= COLLAPSE_ACCURACY and dead:
+            verdict = f"collapsed (amplitude < 1e-3 from step {dead[0]})"
         elif accuracy <= COLLAPSE_ACCURACY:
-            verdict = "collapsed" + (f", amplitude < 1e-3 from step {dead[0]}" if dead else "")
+            peak = max((r.get("amplitude", 0.0) for r in train_records), default=float("nan"))
+            verdict = f"fails (chance accuracy; amplitude up to {peak:.3g})"
         elif baseline and row["test_error"] > 2 * baseline:
             verdict = "degraded (over 2x the softmax error)"
         else:
