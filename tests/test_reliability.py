@@ -155,7 +155,7 @@ def test_non_finite_loss_names_the_step_and_the_diagnostics():
                {"loss": float("nan"), "accuracy": 0.1, "amplitude": 3.0, "alpha": 0.5}]
     with pytest.raises(reliability.NonFiniteLossError,
                        match=r"loss is nan at step 13; diagnostics at that step: loss=nan, "
-                             r"accuracy=0.1, alpha=0.5, amplitude=3.*step 10\) is kept"):
+                             r"accuracy=0.1, alpha=0.5, amplitude=3.*latest at step 10\) are kept"):
         reliability.check_finite(metrics, first_step=10, last_good_checkpoint=10)
     reliability.check_finite(metrics[:2], first_step=10, last_good_checkpoint=10)  # no error
     with pytest.raises(reliability.NonFiniteLossError, match=r"inf at step 1;.*no checkpoint"):

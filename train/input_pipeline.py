@@ -90,19 +90,29 @@ def load_split(
     """Decodes a whole split into uint8 images [N, H, W, C] and int32 labels [N]."""
     source = open_source(dataset, split, data_dir, prepare=prepare)
     batched = True
-    try:
-        source.__getitems__([0])
-    except TypeError:
-        # tfds.testing.mock_data: item access only, and it makes the (random) arrays itself.
-        source = _open_source(dataset, split, os.path.expanduser(data_dir), skip_decoding=False)
-        batched = False
     images, labels = [], []
-    for start in range(0, len(source), chunk):
-        keys = list(range(start, min(start + chunk, len(source))))
-        # One batched read is much faster than one read per record.
-        records = source.__getitems__(keys) if batched else [source[key] for key in keys]
-        images.extend(_decode_image(record["image"]) for record in records)
-        labels.extend(record["label"] for record in records)
+    try:
+        try:
+            source.__getitems__([0])
+        except TypeError:
+            # tfds.testing.mock_data: item access only, and it makes the (random) arrays itself.
+            source = _open_source(dataset, split, os.path.expanduser(data_dir), skip_decoding=False)
+            batched = False
+        for start in range(0, len(source), chunk):
+            keys = list(range(start, min(start + chunk, len(source))))
+            # One batched read is much faster than one read per record.
+            records = source.__getitems__(keys) if batched else [source[key] for key in keys]
+            images.extend(_decode_image(record["image"]) for record in records)
+            labels.extend(record["label"] for record in records)
+    except (RuntimeError, OSError, ValueError) as error:
+        # A partly prepared or damaged dataset: array_record's error is a deep stack trace.
+        folder = os.path.join(os.path.expanduser(data_dir), dataset)
+        detail = str(error).strip().splitlines()[-1][:300] if str(error).strip() else ""
+        raise prepare_data.DataUnavailableError(
+            f"the prepared {dataset} {split} split in {folder} is incomplete or damaged "
+            f"({type(error).__name__}: {detail}).\n"
+            f"Delete {folder} and rerun with --config.prepare_data=True to prepare it again."
+        ) from None
     shape = DATASETS[dataset].image_shape
     images = np.stack(images).astype(np.uint8).reshape((-1, *shape))
     return images, np.asarray(labels, dtype=np.int32)

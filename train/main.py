@@ -64,9 +64,21 @@ def main(argv):
     logging.info(
         "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )
+    from train import reliability  # pylint: disable=g-import-not-at-top
+
     try:
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (train.ConfigError, train.WorkdirError, prepare_data.DataUnavailableError) as error:
+    except reliability.Preempted as preempted:
+        print(f"stopped: {preempted}", file=sys.stderr)
+        sys.exit(reliability.EXIT_PREEMPTED)
+    except (
+        train.ConfigError,
+        train.WorkdirError,
+        prepare_data.DataUnavailableError,
+        reliability.CheckpointError,
+        reliability.NonFiniteLossError,
+        reliability.TrainingCollapsedError,
+    ) as error:
         sys.exit(f"error: {error}")
     if jax.process_index() == 0:
         print(json.dumps(results, indent=2))

@@ -243,7 +243,8 @@ def check_finite(metrics: Sequence[Mapping[str, Any]], first_step: int,
         shown = ", ".join(
             f"{k}={float(np.asarray(step_metrics[k])):.6g}"
             for k in _DIAGNOSTIC_KEYS if k in step_metrics)
-        kept = (f"the last good checkpoint (step {last_good_checkpoint}) is kept"
+        kept = (f"the checkpoints (the latest at step {last_good_checkpoint}) are kept; none "
+                "is written from a non-finite loss"
                 if last_good_checkpoint is not None else "no checkpoint had been written yet")
         raise NonFiniteLossError(
             f"training loss is {loss} at step {step}; diagnostics at that step: {shown}. "

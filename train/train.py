@@ -41,6 +41,7 @@ import noisy_softmax_jax
 from noisy_softmax_jax import NOISE_VARIANTS
 from train import input_pipeline
 from train import models
+from train import reliability
 from train.configs import default as default_config
 
 LOSSES = ("softmax", "noisy", "label_smoothing")
@@ -58,6 +59,8 @@ _NON_TRAJECTORY_KEYS = frozenset(
         "checkpoint_every_steps",
         "max_checkpoints_to_keep",
         "progress_bar",
+        "stop_on_non_finite",
+        "stop_on_collapse",
     }
 )
 
@@ -331,6 +334,7 @@ def train_step(
         "accuracy": jnp.mean(jnp.argmax(output.logits, -1) == labels),
         "learning_rate": learning_rate(state.step),
         "alpha": jnp.asarray(alpha, jnp.float32),
+        "top_class_fraction": reliability.top_class_fraction(output.logits),
         **diagnostics,
     }
     return new_state, metrics
@@ -402,8 +406,10 @@ def check_or_write_config(config, workdir: str, *, write: bool) -> None:
                 + "); use a new workdir or the same config to resume"
             )
     if write:
-        with open(path, "w") as f:
+        # Atomic: a kill mid-write must not leave a truncated config.json that breaks a resume.
+        with open(f"{path}.tmp", "w") as f:
             f.write(config.to_json(indent=2, sort_keys=True))
+        os.replace(f"{path}.tmp", path)
 
 
 class MetricWriter:
@@ -546,11 +552,14 @@ def train_and_evaluate(
         ),
     )
     start_step = 0
-    if checkpoints.latest_step() is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state = checkpoints.restore(
-            checkpoints.latest_step(), args=ocp.args.StandardRestore(abstract)
-        )
+    restored, _ = reliability.restore_latest_good(
+        checkpoints,
+        jax.tree.map(ocp.utils.to_shape_dtype_struct, state),
+        workdir,
+        ocp.args.StandardRestore,
+    )
+    if restored is not None:
+        state = restored
         start_step = int(jax.device_get(state.step))
         logging.info("Resumed from the checkpoint at step %d", start_step)
     if is_writer:
@@ -599,6 +608,26 @@ def train_and_evaluate(
     eval_metrics: dict[str, float] = {}
     train_time = 0.0  # wall time of the training steps (first interval includes compilation)
     interval_start, interval_steps, interval_paused = time.perf_counter(), 0, 0.0
+    preemption = reliability.PreemptionGuard()
+    collapse = reliability.CollapseDetector(
+        input_pipeline.DATASETS[config.dataset].num_classes,
+        config.alpha if config.loss == "noisy" else None,
+    )
+
+    def check_finite(done):
+        if config.stop_on_non_finite:
+            reliability.check_finite(
+                jax.device_get(pending), done - len(pending), checkpoints.latest_step()
+            )
+
+    def save_checkpoint(done, **kwargs):
+        check_finite(done)  # never checkpoint a diverged state
+        # The digest is written before the (async) save, so every checkpoint has one.
+        if is_writer:
+            reliability.record_digest(workdir, done, state, keep_steps=checkpoints.all_steps())
+        checkpoints.save(done, args=ocp.args.StandardSave(state), **kwargs)
+
+    preemption.__enter__()
     try:
         for step in range(start_step, num_steps):
             images, labels = batches(step)
@@ -609,7 +638,10 @@ def train_and_evaluate(
             done = step + 1
             if done % config.log_every_steps == 0 or done == num_steps:
                 # device_get waits for the interval's steps, so the wall time below is honest.
+                check_finite(done)
                 means = jax.tree.map(lambda *xs: float(np.mean(xs)), *jax.device_get(pending))
+                if config.stop_on_collapse:
+                    collapse.update(done, len(pending), means)
                 elapsed = time.perf_counter() - interval_start - interval_paused
                 train_time += elapsed
                 means["images_per_sec"] = interval_steps * config.batch_size / elapsed
@@ -636,8 +668,13 @@ def train_and_evaluate(
                 else:
                     logging.info(line)
             if done % config.checkpoint_every_steps == 0 or done == num_steps:
-                checkpoints.save(done, args=ocp.args.StandardSave(state))
+                save_checkpoint(done)
             interval_paused += time.perf_counter() - pause_start
+            if preemption.requested and done < num_steps:
+                if checkpoints.latest_step() != done:
+                    save_checkpoint(done, force=True)
+                checkpoints.wait_until_finished()
+                raise reliability.Preempted(done, preemption.signal_name)
     except KeyboardInterrupt:
         # The batch and the noise of a step follow from the step alone, so a checkpoint of the
         # current state resumes exactly. (If the interrupt hit while a step held the donated
@@ -654,6 +691,7 @@ def train_and_evaluate(
             logging.warning("Interrupted; resuming from the last periodic checkpoint.")
         raise
     finally:
+        preemption.__exit__(None, None, None)
         progress.close()
         checkpoints.wait_until_finished()
 

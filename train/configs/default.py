@@ -49,4 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 500
     config.max_checkpoints_to_keep = 2
     config.progress_bar = True
+    # Reliability guards (train/reliability.py): stop on a NaN/inf loss, and on a collapsed run
+    # (chance accuracy with the amplitude gone to ~0 or one predicted class). Turn off to study
+    # the failure itself, e.g. in alpha-range sweeps.
+    config.stop_on_non_finite = True
+    config.stop_on_collapse = True
     return config

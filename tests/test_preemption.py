@@ -1,0 +1,270 @@
+"""Kill `python -m train` and rerun it: the finished run equals one that was never interrupted.
+
+Each test runs the real command line as a subprocess (through tests/mock_data_cli.py, which is
+`python -m train` under `tfds.testing.mock_data`, so no dataset is needed and every process sees
+the same data): a short run of the small CNN with checkpoints every 3 steps and an evaluation
+every 4. Kills come at seeded random moments after the attempt has made progress, so they land
+in training steps, evaluations and checkpoint writes alike. The equality checked is that of the
+sha256 fingerprint of the final parameters in results.json.
+
+Also: SIGTERM saves a checkpoint and exits with code 143; a damaged latest checkpoint is moved
+aside with a warning and the run resumes from the previous one; bad command lines, a missing or
+partly prepared dataset and an unwritable workdir fail with one clear line, a non-zero code and
+nothing in the workdir that a later resume could trip over.
+"""
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from train import prepare_data, reliability
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+NUM_STEPS = 24
+RUN_FLAGS = [
+    "--config", "train/configs/default.py",
+    "--config.prepare_data=False", "--config.batch_size=16", "--config.eval_batch_size=16",
+    f"--config.num_steps={NUM_STEPS}", "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=3", "--config.max_checkpoints_to_keep=3",
+    "--config.progress_bar=False",
+]
+TIMEOUT_S = 300
+
+
+def environment():
+    # One CPU device (the fastest start on a small machine), and single-threaded Eigen: XLA:CPU's
+    # multi-threaded reductions are not bitwise reproducible from one process to the next, so
+    # without it even two uninterrupted runs can differ in the last bits.
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+                XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+
+def start(workdir, *extra, module="tests.mock_data_cli"):
+    """Starts the training command on `workdir`; its output goes to files beside it."""
+    workdir = pathlib.Path(workdir)
+    command = [sys.executable, "-m", module, "--workdir", str(workdir),
+               *RUN_FLAGS, f"--config.data_dir={workdir.parent / 'no_data_here'}", *extra]
+    with open(f"{workdir}.log", "a") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(command, cwd=REPO, env=environment(), stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
+def run_to_completion(workdir, *extra):
+    process = start(workdir, *extra)
+    assert process.wait(timeout=TIMEOUT_S) == 0, log_of(workdir)
+    return json.loads((pathlib.Path(workdir) / "results.json").read_text())
+
+
+def log_of(workdir):
+    path = pathlib.Path(f"{workdir}.log")
+    return path.read_text()[-4000:] if path.exists() else ""
+
+
+def last_step(workdir):
+    """The last training step in metrics.jsonl (a line cut short by a kill is skipped)."""
+    try:
+        lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("kind") == "train":
+            return record["step"]
+    return 0
+
+
+def wait_for_step(process, workdir, step, timeout=TIMEOUT_S):
+    """Waits until this attempt has logged training step `step`; False if it ended first."""
+    deadline = time.monotonic() + timeout
+    while last_step(workdir) < step:
+        if process.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, log_of(workdir)
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The fingerprint of a run that nothing interrupted."""
+    results = run_to_completion(tmp_path_factory.mktemp("uninterrupted") / "run")
+    assert results["resumed_from_step"] == 0 and results["steps"] == NUM_STEPS
+    return results["params_sha256"]
+
+
+def kill_and_resume(workdir, kills, seed):
+    """SIGKILLs the run at `kills` random moments, then lets it finish; returns the results.
+
+    Kill i comes a random 0-0.5 s after the run logged a randomly drawn step, the steps drawn
+    increasing, so every attempt gets further than the last one's checkpoint.
+    """
+    rng = random.Random(seed)
+    targets = sorted(rng.sample(range(1, NUM_STEPS), kills))
+    landed = []
+    for target in targets:
+        process = start(workdir)
+        reached = wait_for_step(process, workdir, target)
+        if reached:
+            time.sleep(rng.uniform(0.0, 0.5))
+        if process.poll() is not None:  # it finished first: no kill to count
+            assert process.returncode == 0, log_of(workdir)
+            break
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+        landed.append((target, last_step(workdir)))
+    results = run_to_completion(workdir)
+    return results, landed
+
+
+def test_sigkill_at_3_random_moments_then_rerun_equals_uninterrupted(tmp_path, uninterrupted):
+    results, landed = kill_and_resume(tmp_path / "run", kills=3, seed=0)
+    assert len(landed) == 3
+    assert results["params_sha256"] == uninterrupted, landed
+    assert results["resumed_from_step"] > 0
+
+
+@pytest.mark.slow
+def test_sigkill_at_20_random_moments_then_rerun_equals_uninterrupted(tmp_path, uninterrupted):
+    results, landed = kill_and_resume(tmp_path / "run", kills=20, seed=1)
+    assert len(landed) == 20
+    assert results["params_sha256"] == uninterrupted, landed
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resume_equals_uninterrupted(
+        tmp_path, uninterrupted):
+    workdir = tmp_path / "run"
+    process = start(workdir)
+    assert wait_for_step(process, workdir, 5), log_of(workdir)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=TIMEOUT_S) == reliability.EXIT_PREEMPTED, log_of(workdir)
+    log = log_of(workdir)
+    assert "SIGTERM received: saved a checkpoint at step" in log and "Traceback" not in log
+    step = int(log.split("saved a checkpoint at step ")[1].split(" ")[0])
+    assert step >= 5 and (workdir / "checkpoints" / str(step)).is_dir()
+    assert not (workdir / "results.json").exists()
+    results = run_to_completion(workdir)
+    assert results["resumed_from_step"] == step
+    assert results["params_sha256"] == uninterrupted
+
+
+@pytest.mark.parametrize("damage", ["truncate", pytest.param("garble", marks=pytest.mark.slow)])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted, damage):
+    workdir = tmp_path / "run"
+    process = start(workdir)
+    assert wait_for_step(process, workdir, 10), log_of(workdir)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=TIMEOUT_S) == reliability.EXIT_PREEMPTED, log_of(workdir)
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(steps) >= 2, steps
+    latest = workdir / "checkpoints" / str(steps[-1])
+    files = sorted((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    for path in files[-3:]:  # the largest: array data and its index
+        data = bytearray(path.read_bytes())
+        if damage == "truncate":
+            data = data[: len(data) // 2]
+        else:
+            data[::5] = bytes(b ^ 0xA5 for b in data[::5])
+        path.write_bytes(bytes(data))
+    results = run_to_completion(workdir)
+    log = log_of(workdir)
+    assert f"checkpoint at step {steps[-1]} is damaged" in log and "falling back" in log, log
+    assert results["resumed_from_step"] == steps[-2]
+    assert results["params_sha256"] == uninterrupted
+    assert (workdir / reliability.DAMAGED_DIR).is_dir()
+
+
+# ------------------------------------------------------------------------------ bad command lines
+
+
+def run_cli(tmp_path, *extra, module="train", data_dir=None, workdir=None):
+    workdir = workdir or tmp_path / "workdir"
+    command = [sys.executable, "-m", module, "--workdir", str(workdir),
+               *RUN_FLAGS, f"--config.data_dir={data_dir or tmp_path / 'no_data_here'}", *extra]
+    return subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+
+
+def assert_clean_failure(result, message, workdir):
+    """Non-zero exit, the message, no traceback, and nothing a later resume could trip over."""
+    assert result.returncode not in (0, None), result.stdout + result.stderr
+    assert message in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    workdir = pathlib.Path(workdir)
+    if workdir.exists():
+        left = sorted(p.name for p in workdir.iterdir())
+        assert not {"config.json", "checkpoints", reliability.DIGESTS_FILE} & set(left), left
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.alpha=-1", "config.alpha=-1.0 is invalid: it must be >= 0"),
+    ("--config.loss=focal", "config.loss='focal' is not allowed"),
+    ("--config.batch_size=0", "config.batch_size=0 is invalid"),
+    ("--config.num_step=5", "unknown config key"),
+    ("--config.learning_rate=fast", "error:"),
+])
+def test_bad_command_line_fails_cleanly(tmp_path, flag, message):
+    result = run_cli(tmp_path, flag)
+    assert_clean_failure(result, message, tmp_path / "workdir")
+
+
+def test_missing_dataset_fails_cleanly(tmp_path):
+    result = run_cli(tmp_path)  # prepare_data=False and an empty data_dir
+    assert_clean_failure(result, "mnist is not prepared in", tmp_path / "workdir")
+
+
+def _prepare_tiny_mnist(data_dir, source):
+    source.mkdir()
+    header = "label," + ",".join(f"p{i}" for i in range(784))
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        rows = [",".join(map(str, [rng.integers(10), *rng.integers(0, 256, 784)]))
+                for _ in range(32)]
+        (source / f"mnist_{split}.csv").write_text("\n".join([header, *rows]) + "\n")
+    prepare_data.prepare("mnist", str(data_dir), source_dir=source)
+    return next(data_dir.glob("mnist/*/"))
+
+
+@pytest.mark.parametrize("damage", ["missing_test_split", "truncated_train_split"])
+def test_partly_prepared_dataset_fails_cleanly(tmp_path, damage):
+    folder = _prepare_tiny_mnist(tmp_path / "tfds", tmp_path / "csv")
+    if damage == "missing_test_split":
+        for path in folder.glob("mnist-test.array_record*"):
+            path.unlink()
+    else:
+        for path in folder.glob("mnist-train.array_record*"):
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    result = run_cli(tmp_path, data_dir=tmp_path / "tfds")
+    assert_clean_failure(result, "is incomplete or damaged", tmp_path / "workdir")
+    assert "prepare_data=True" in result.stderr
+
+
+def test_unwritable_workdir_fails_cleanly(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_cli(tmp_path, workdir=blocker / "workdir")
+    assert_clean_failure(result, "is not writable", blocker / "workdir")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    process = start(workdir, "--config.learning_rate=1e12", "--config.checkpoint_every_steps=1")
+    assert process.wait(timeout=TIMEOUT_S) not in (0, None)
+    log = log_of(workdir)
+    assert "error: training loss is" in log and "Traceback" not in log, log
+    step = int(log.split("training loss is ")[1].split(" at step ")[1].split(";")[0])
+    assert "diagnostics at that step: loss=" in log and "amplitude=" in log
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) == step - 1, (saved, step)  # none of the diverged state
+    assert not (workdir / "results.json").exists()
