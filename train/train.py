@@ -603,6 +603,7 @@ def train_and_evaluate(
         desc="train",
         disable=not (is_writer and config.progress_bar),
         dynamic_ncols=True,
+        mininterval=1.0,  # fewer redraws: logs of non-interactive runs stay short
     )
     pending: list[dict[str, jax.Array]] = []
     eval_metrics: dict[str, float] = {}
