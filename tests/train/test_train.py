@@ -36,7 +36,14 @@ def mock_mnist():
         yield
 
 
-@pytest.mark.parametrize("loss", train.LOSSES)
+@pytest.mark.parametrize(
+    "loss",
+    # The baselines compile a train step each: slow on a shared CPU, so only noisy runs fast.
+    [
+        pytest.param(name, marks=() if name == "noisy" else pytest.mark.slow)
+        for name in train.LOSSES
+    ],
+)
 def test_one_train_step(tmp_path, mock_mnist, loss):
     config = tiny_config(tmp_path, loss=loss)
     images, labels = input_pipeline.load_split("mnist", "train", config.data_dir, prepare=False)
@@ -146,6 +153,7 @@ def test_resume_refuses_a_different_config(tmp_path):
         train.train_and_evaluate(tiny_config(tmp_path, alpha=0.2), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device(finished_run, tmp_path, mock_mnist):
     config, workdir, eight = finished_run
     assert eight["num_devices"] == 8, "tests/conftest.py should emulate 8 CPU devices"
