@@ -32,6 +32,7 @@ import shutil
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -320,11 +321,20 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
         return float("nan")
     if mean_std(a)[1] == 0 and mean_std(b)[1] == 0:
         return float("nan")
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    with warnings.catch_warnings():
+        # Collapsed runs all end at the same error: scipy warns about the zero variance.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def _is_nan(x: float) -> bool:
     return isinstance(x, float) and math.isnan(x)
+
+
+def _p_text(p_value: float, equals: bool = False) -> str:
+    if p_value < 0.001:
+        return "< 0.001"
+    return f"{'= ' if equals else ''}{p_value:.3f}"
 
 
 def _pct(x: float, digits: int = 2) -> str:
@@ -356,7 +366,7 @@ def comparison_table(rows: list[dict], dataset: str, names: Sequence[str]) -> tu
         else:
             delta = f"{100 * (mean - b_mean):+.2f}"
             p_value = welch_p(errors, baseline)
-            p = "n/a" if _is_nan(p_value) else f"{p_value:.3f}"
+            p = "n/a" if _is_nan(p_value) else _p_text(p_value)
             if len(errors) > 1 and len(baseline) > 1:
                 disjoint = (mean + 2 * std < b_mean - 2 * b_std) or (
                     mean - 2 * std > b_mean + 2 * b_std
@@ -446,7 +456,7 @@ def significance_summary(verdicts: list, dataset: str) -> list[str]:
             direction = "lower" if delta < 0 else "higher"
             tests = []
             if significant_t:
-                tests.append(f"Welch p = {p_value:.3f}")
+                tests.append(f"Welch p {_p_text(p_value, equals=True)}")
             if separate == "disjoint":
                 tests.append("mean ± 2 std intervals disjoint")
             lines.append(
