@@ -11,15 +11,21 @@ Also: SIGTERM saves a checkpoint and exits with code 143; a damaged latest check
 aside with a warning and the run resumes from the previous one; bad command lines, a missing or
 partly prepared dataset and an unwritable workdir fail with one clear line, a non-zero code and
 nothing in the workdir that a later resume could trip over.
+
+The subprocesses share a JAX compilation cache, so only the first of them compiles (a run takes
+~10 s instead of ~30 s on 2 CPU cores).
 """
 
+import atexit
 import json
 import os
 import pathlib
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -39,12 +45,26 @@ RUN_FLAGS = [
 TIMEOUT_S = 300
 
 
+_COMPILATION_CACHE = []
+
+
+def compilation_cache():
+    """A JAX compilation cache shared by this session's subprocesses (removed at exit)."""
+    if not _COMPILATION_CACHE:
+        _COMPILATION_CACHE.append(tempfile.mkdtemp(prefix="noisy_softmax_jax_test_jit_cache_"))
+        atexit.register(shutil.rmtree, _COMPILATION_CACHE[0], ignore_errors=True)
+    return _COMPILATION_CACHE[0]
+
+
 def environment():
     # One CPU device (the fastest start on a small machine), and single-threaded Eigen: XLA:CPU's
     # multi-threaded reductions are not bitwise reproducible from one process to the next, so
     # without it even two uninterrupted runs can differ in the last bits.
     return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+                XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+                JAX_COMPILATION_CACHE_DIR=compilation_cache(),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 
 def start(workdir, *extra, module="tests.mock_data_cli"):
