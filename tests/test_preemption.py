@@ -7,10 +7,15 @@ every 4. Kills come at seeded random moments after the attempt has made progress
 in training steps, evaluations and checkpoint writes alike. The equality checked is that of the
 sha256 fingerprint of the final parameters in results.json.
 
+After the kills, metrics.jsonl and the TensorBoard events hold each step once, as those of the
+uninterrupted run do (a resumed run drops the lines of steps after its checkpoint).
+
 Also: SIGTERM saves a checkpoint and exits with code 143; a damaged latest checkpoint is moved
 aside with a warning and the run resumes from the previous one; bad command lines, a missing or
 partly prepared dataset and an unwritable workdir fail with one clear line, a non-zero code and
-nothing in the workdir that a later resume could trip over.
+nothing in the workdir that a later resume could trip over. A full disk (a file-size limit, and
+a small tmpfs where the tests may mount one) during a checkpoint, a metrics.jsonl or the
+results.json write ends the run with one line and a non-zero code, and rerunning resumes.
 
 The subprocesses share a JAX compilation cache, so only the first of them compiles (a run takes
 ~10 s instead of ~30 s on 2 CPU cores).
@@ -21,8 +26,10 @@ import json
 import os
 import pathlib
 import random
+import resource
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -67,14 +74,43 @@ def environment():
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 
-def start(workdir, *extra, module="tests.mock_data_cli"):
-    """Starts the training command on `workdir`; its output goes to files beside it."""
+def file_size_limit(limit_bytes):
+    """preexec_fn: no file the child writes may grow past `limit_bytes` (`ulimit -f`); a write
+    beyond fails with EFBIG, as on a full disk (SIGXFSZ, which would kill it, is ignored)."""
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return apply
+
+
+def start(workdir, *extra, module="tests.mock_data_cli", max_file_size=None):
+    """Starts the training command on `workdir`; its output goes to files beside it (or, under
+    a file-size limit, which would cut the log short too, to a pipe: see `output_of`)."""
     workdir = pathlib.Path(workdir)
     command = [sys.executable, "-m", module, "--workdir", str(workdir),
                *RUN_FLAGS, f"--config.data_dir={workdir.parent / 'no_data_here'}", *extra]
+    if max_file_size:
+        return subprocess.Popen(command, cwd=REPO, env=environment(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=file_size_limit(max_file_size))
     with open(f"{workdir}.log", "a") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(command, cwd=REPO, env=environment(), stdout=log,
                                 stderr=subprocess.STDOUT)
+
+
+def output_of(process, workdir):
+    """Waits for `process`; its output (also appended to the log beside `workdir`)."""
+    log_path = pathlib.Path(f"{workdir}.log")
+    if process.stdout is not None:
+        output = process.communicate(timeout=TIMEOUT_S)[0]
+        with open(log_path, "a") as log:
+            log.write(output)
+        return output
+    log_start = log_path.stat().st_size if log_path.exists() else 0
+    process.wait(timeout=TIMEOUT_S)
+    return log_path.read_text()[log_start:]
 
 
 def run_to_completion(workdir, *extra):
@@ -115,12 +151,63 @@ def wait_for_step(process, workdir, step, timeout=TIMEOUT_S):
     return True
 
 
+def metric_entries(workdir):
+    """The (step, kind) of every line of metrics.jsonl, in order (every line must parse)."""
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [(record["step"], record["kind"]) for record in map(json.loads, lines)]
+
+
+def tensorboard_entries(workdir):
+    """The (tag, step) of the scalars TensorBoard shows: the event files read in order, and a
+    SessionLog.START at step s (a resumed run's purge_step) discards the earlier events at
+    steps >= s, as TensorBoard does."""
+    from tensorboardX.proto import event_pb2
+
+    def events(path):
+        data = path.read_bytes()
+        while len(data) >= 12:
+            (length,) = struct.unpack("Q", data[:8])
+            if len(data) < 16 + length:
+                return  # a record cut short: TensorBoard stops reading the file there
+            yield event_pb2.Event.FromString(data[12:12 + length])
+            data = data[16 + length:]
+
+    files = [list(events(path)) for path in
+             (pathlib.Path(workdir) / "tensorboard").glob("events.out.tfevents.*")]
+    shown = []
+    for file in sorted((f for f in files if f), key=lambda f: f[0].wall_time):  # oldest first
+        for event in file:
+            if event.session_log.status == event_pb2.SessionLog.START:
+                shown = [(tag, step) for tag, step in shown if step < event.step]
+            shown += [(value.tag, event.step) for value in event.summary.value]
+    return shown
+
+
+def assert_each_step_logged_once(workdir, uninterrupted_workdir):
+    entries, expected = metric_entries(workdir), metric_entries(uninterrupted_workdir)
+    assert len(entries) == len(set(entries)), sorted(e for e in entries if entries.count(e) > 1)
+    assert sorted(entries) == sorted(expected)
+    shown = tensorboard_entries(workdir)
+    assert len(shown) == len(set(shown)), sorted(e for e in shown if shown.count(e) > 1)[:10]
+    assert sorted(shown) == sorted(tensorboard_entries(uninterrupted_workdir))
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The fingerprint of a run that nothing interrupted."""
-    results = run_to_completion(tmp_path_factory.mktemp("uninterrupted") / "run")
+def uninterrupted_workdir(tmp_path_factory):
+    """The workdir of a run that nothing interrupted."""
+    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    results = run_to_completion(workdir)
     assert results["resumed_from_step"] == 0 and results["steps"] == NUM_STEPS
-    return results["params_sha256"]
+    entries = metric_entries(workdir)
+    assert [s for s, kind in entries if kind == "train"] == list(range(1, NUM_STEPS + 1))
+    assert len(tensorboard_entries(workdir)) > NUM_STEPS
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_workdir):
+    """The fingerprint of a run that nothing interrupted."""
+    return json.loads((uninterrupted_workdir / "results.json").read_text())["params_sha256"]
 
 
 def kill_and_resume(workdir, kills, seed):
@@ -147,18 +234,22 @@ def kill_and_resume(workdir, kills, seed):
     return results, landed
 
 
-def test_sigkill_at_3_random_moments_then_rerun_equals_uninterrupted(tmp_path, uninterrupted):
+def test_sigkill_at_3_random_moments_then_rerun_equals_uninterrupted(
+        tmp_path, uninterrupted, uninterrupted_workdir):
     results, landed = kill_and_resume(tmp_path / "run", kills=3, seed=0)
     assert len(landed) == 3
     assert results["params_sha256"] == uninterrupted, landed
     assert results["resumed_from_step"] > 0
+    assert_each_step_logged_once(tmp_path / "run", uninterrupted_workdir)
 
 
 @pytest.mark.slow
-def test_sigkill_at_20_random_moments_then_rerun_equals_uninterrupted(tmp_path, uninterrupted):
+def test_sigkill_at_20_random_moments_then_rerun_equals_uninterrupted(
+        tmp_path, uninterrupted, uninterrupted_workdir):
     results, landed = kill_and_resume(tmp_path / "run", kills=20, seed=1)
     assert len(landed) == 20
     assert results["params_sha256"] == uninterrupted, landed
+    assert_each_step_logged_once(tmp_path / "run", uninterrupted_workdir)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resume_equals_uninterrupted(
@@ -288,3 +379,127 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and max(saved) == step - 1, (saved, step)  # none of the diverged state
     assert not (workdir / "results.json").exists()
+
+
+# ------------------------------------------------------------------------------------ full disk
+
+DISK_FULL = "no space left on device writing"
+
+
+@pytest.fixture(scope="module")
+def preempted_workdir(tmp_path_factory):
+    """A run stopped by SIGTERM after step 8: (workdir, the step of its last checkpoint)."""
+    workdir = tmp_path_factory.mktemp("preempted") / "run"
+    process = start(workdir)
+    assert wait_for_step(process, workdir, 8), log_of(workdir)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=TIMEOUT_S) == reliability.EXIT_PREEMPTED, log_of(workdir)
+    return workdir, max(saved_steps(workdir))
+
+
+def saved_steps(workdir):
+    folder = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def copy_run(source, workdir):
+    shutil.copytree(source, workdir)
+    return workdir
+
+
+def assert_disk_full_failure(process, workdir, path, cause):
+    """One `error: no space left on device writing <path> ...` line at the end, a non-zero
+    code, no traceback, and nothing half-written left in the workdir."""
+    log = output_of(process, workdir)
+    assert process.returncode == 1, log[-4000:]
+    last_line = log.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: {DISK_FULL} {path} ({cause}"), log[-4000:]
+    assert "free space" in last_line and "rerun the same command to resume" in last_line
+    assert "Traceback" not in log, log[-4000:]
+    workdir = pathlib.Path(workdir)
+    half_written = [p for p in workdir.rglob("*") if "tmp" in p.name or ".partial" in p.name]
+    assert not half_written, half_written
+    metric_entries(workdir)  # every line of metrics.jsonl is whole
+    assert not (workdir / "results.json").exists()
+
+
+def test_file_size_limit_during_a_checkpoint_write_then_rerun_resumes(
+        tmp_path, preempted_workdir, uninterrupted, uninterrupted_workdir):
+    source, step = preempted_workdir
+    workdir = copy_run(source, tmp_path / "run")
+    # A checkpoint of this net is a 2-3 MB file; metrics and TensorBoard stay below 1 MB.
+    process = start(workdir, max_file_size=1_000_000)
+    failed = (step // 3 + 1) * 3  # the next periodic checkpoint
+    assert_disk_full_failure(process, workdir, workdir / "checkpoints" / str(failed), "EFBIG")
+    assert saved_steps(workdir)[-1] == step
+    assert max(s for s, kind in metric_entries(workdir)) >= failed  # it ran on, then stopped
+    results = run_to_completion(workdir)
+    assert results["resumed_from_step"] == step
+    assert results["params_sha256"] == uninterrupted
+    assert_each_step_logged_once(workdir, uninterrupted_workdir)
+
+
+def test_file_size_limit_during_a_metrics_write_then_rerun_resumes(
+        tmp_path, preempted_workdir, uninterrupted, uninterrupted_workdir):
+    source, step = preempted_workdir
+    workdir = copy_run(source, tmp_path / "run")
+    # metrics.jsonl may grow by two lines or so (~450 bytes each); no checkpoint is due.
+    limit = (workdir / "metrics.jsonl").stat().st_size + 1000
+    process = start(workdir, "--config.checkpoint_every_steps=1000", max_file_size=limit)
+    assert_disk_full_failure(process, workdir, workdir / "metrics.jsonl", "EFBIG")
+    assert step < max(s for s, kind in metric_entries(workdir)) < NUM_STEPS
+    results = run_to_completion(workdir)
+    assert results["resumed_from_step"] == step
+    assert results["params_sha256"] == uninterrupted
+    assert_each_step_logged_once(workdir, uninterrupted_workdir)
+
+
+def test_file_size_limit_during_the_results_write_then_rerun_finishes(
+        tmp_path, uninterrupted, uninterrupted_workdir):
+    # A run that wrote its final checkpoint and then could not write results.json.
+    workdir = copy_run(uninterrupted_workdir, tmp_path / "run")
+    (workdir / "results.json").unlink()
+    same_config = f"--config.data_dir={uninterrupted_workdir.parent / 'no_data_here'}"
+    # results.json takes ~500 bytes; the rest of what a finished run writes, much less.
+    process = start(workdir, same_config, max_file_size=300)
+    assert_disk_full_failure(process, workdir, workdir / "results.json", "EFBIG")
+    results = run_to_completion(workdir)
+    assert results["resumed_from_step"] == NUM_STEPS
+    assert results["params_sha256"] == uninterrupted
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MiB tmpfs mounted as the workdir `tmp_path/run` (skips where it cannot be mounted:
+    not root, or no mounts allowed); yields (workdir, a function that grows it)."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(workdir)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+
+    def grow(size):
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(workdir)], check=True)
+
+    try:
+        yield workdir, grow
+    finally:
+        subprocess.run(["umount", "-l", str(workdir)], check=False)
+
+
+def test_full_tmpfs_mid_run_then_rerun_with_space_resumes(
+        small_tmpfs, uninterrupted, uninterrupted_workdir):
+    workdir, grow = small_tmpfs
+    # Checkpoints take ~3.2 MB each: those of steps 3 and 6 fit in 8 MiB, that of step 9 not.
+    process = start(workdir)
+    assert_disk_full_failure(process, workdir, workdir / "checkpoints" / "9", "ENOSPC")
+    saved = saved_steps(workdir)
+    assert saved == [3, 6], saved
+    grow("64m")  # space freed
+    results = run_to_completion(workdir)
+    assert results["resumed_from_step"] == saved[-1]
+    assert results["params_sha256"] == uninterrupted
+    assert_each_step_logged_once(workdir, uninterrupted_workdir)

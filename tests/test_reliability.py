@@ -2,8 +2,12 @@
 non-finite losses and collapse. The end-to-end kills of `python -m train` are in
 tests/test_preemption.py."""
 
+import contextlib
+import errno
 import glob
+import json
 import os
+import resource
 import signal
 
 import flax
@@ -203,3 +207,93 @@ def test_a_recovery_resets_the_window():
     detector = reliability.CollapseDetector(10, alpha=1.0, window_steps=300, min_steps=0)
     collapsed, healthy = (0.1, 0.01, 1.0), (0.5, 8.0, 0.1)
     feed(detector, [healthy] + [collapsed] * 5 + [healthy] + [collapsed] * 5)  # never 300 in a row
+
+
+# ---------------------------------------------------------------------------------- full disk
+
+
+@contextlib.contextmanager
+def file_size_limit(limit_bytes):
+    """Real EFBIG for writes past `limit_bytes` in this process (the soft RLIMIT_FSIZE; Python
+    ignores SIGXFSZ), restored afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_disk_full_cause_reads_os_errors_and_orbax_messages():
+    assert reliability.disk_full_cause(OSError(errno.ENOSPC, "x")).startswith("ENOSPC: ")
+    assert reliability.disk_full_cause(OSError(errno.EFBIG, "x")).startswith("EFBIG: ")
+    assert reliability.disk_full_cause(OSError(errno.EDQUOT, "x")).startswith("EDQUOT: ")
+    orbax = ValueError('RESOURCE_EXHAUSTED: Error writing "params.Dense_0.kernel/0.0" in OCDBT '
+                       'database: Failed to write 1316143 bytes to file 5: No space left on '
+                       "device [os_error_code='28']")
+    assert reliability.disk_full_cause(orbax).startswith("ENOSPC: ")
+    try:
+        raise RuntimeError("save failed") from orbax
+    except RuntimeError as wrapped:
+        assert reliability.disk_full_cause(wrapped).startswith("ENOSPC: ")
+    assert reliability.disk_full_cause(OSError(errno.EACCES, "Permission denied")) is None
+    assert reliability.disk_full_cause(ValueError("NOT_FOUND [os_error_code='2']")) is None
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    with file_size_limit(100), pytest.raises(reliability.DiskFullError) as raised:
+        reliability.atomic_write_text(str(path), "x" * 1000)
+    assert str(raised.value).startswith(f"no space left on device writing {path} (EFBIG: ")
+    assert "rerun the same command to resume" in str(raised.value)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["results.json"]
+    reliability.atomic_write_text(str(path), "new")
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["results.json"]
+
+
+def test_a_failed_metrics_write_leaves_only_whole_lines(tmp_path):
+    from train import train
+
+    writer = train.MetricWriter(str(tmp_path), enabled=True)
+    writer.write(1, "train", {"loss": 1.0})
+    size = (tmp_path / "metrics.jsonl").stat().st_size
+    with file_size_limit(size + 40), pytest.raises(reliability.DiskFullError, match="metrics.jsonl"):
+        writer.write(2, "train", {"loss": 0.5, "accuracy": 0.25, "learning_rate": 0.1})
+    writer.write(3, "train", {"loss": 0.25})  # space again
+    writer.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 3]
+
+
+def test_remove_partial_writes_removes_unfinished_checkpoints_and_temporaries(tmp_path):
+    save_run(str(tmp_path), steps=(1,))
+    unfinished = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp" / "default"
+    unfinished.mkdir(parents=True)
+    (tmp_path / f"results.json.partial{os.getpid()}").write_text("{")
+    (tmp_path / "metrics.jsonl").write_text("")
+    removed = reliability.remove_partial_writes(str(tmp_path))
+    assert sorted(os.path.basename(p) for p in removed) == [
+        "2.orbax-checkpoint-tmp", f"results.json.partial{os.getpid()}"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+    assert restore(str(tmp_path))[1] == 1
+
+
+# ----------------------------------------------------------------------------- resume hygiene
+
+
+def test_trim_metrics_drops_the_steps_after_the_checkpoint_and_cut_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "kind": "train", "loss": 1.0 / s} for s in range(1, 7)]
+    records.insert(4, {"step": 4, "kind": "eval", "test_loss": 0.5})
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    path.write_text(text + '{"step": 7, "kind": "tr')  # cut short by a kill
+    assert reliability.trim_metrics(str(path), 4) == 3
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["kind"]) for r in kept] == [
+        (1, "train"), (2, "train"), (3, "train"), (4, "train"), (4, "eval")]
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]
+    inode = path.stat().st_ino
+    assert reliability.trim_metrics(str(path), 4) == 0 and path.stat().st_ino == inode  # untouched
+    assert reliability.trim_metrics(str(path), 0) == 5 and path.read_text() == ""
+    assert reliability.trim_metrics(str(tmp_path / "missing.jsonl"), 3) == 0

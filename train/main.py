@@ -66,6 +66,7 @@ def main(argv):
     )
     from train import reliability  # pylint: disable=g-import-not-at-top
 
+    reliability.quiet_disk_full_tracebacks()
     try:
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except reliability.Preempted as preempted:
@@ -76,6 +77,7 @@ def main(argv):
         train.WorkdirError,
         prepare_data.DataUnavailableError,
         reliability.CheckpointError,
+        reliability.DiskFullError,
         reliability.NonFiniteLossError,
         reliability.TrainingCollapsedError,
     ) as error:

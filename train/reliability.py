@@ -1,6 +1,6 @@
 """Keeping a training run alive and honest: preemption, damaged checkpoints, divergence, collapse.
 
-Four guards that `train.train_and_evaluate` wires into its loop:
+The guards that `train.train_and_evaluate` wires into its loop:
 
   PreemptionGuard     SIGTERM (what a TPU preemption or `kill` sends) asks the loop to save a
                       checkpoint after the current step and stop; the process exits with
@@ -13,19 +13,30 @@ Four guards that `train.train_and_evaluate` wires into its loop:
   CollapseDetector    Training accuracy at chance for a sustained window while the amplitude
                       has fallen toward zero or every prediction is one class: the known
                       failure of too large an alpha. Stops with the cause and the remedy.
+  DiskFullError       A write into the workdir failed for lack of space (ENOSPC, EDQUOT, or
+                      EFBIG from a file-size limit): the run stops with one line naming the
+                      file, half-written files are removed, and rerunning resumes.
+  trim_metrics        On resume, drops the metrics.jsonl lines of steps after the restored
+                      checkpoint (steps the resumed run executes and logs again).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import hashlib
 import json
+import logging as std_logging
 import math
 import os
+import re
 import shutil
 import signal
+import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -135,13 +146,8 @@ def record_digest(workdir: str, step: int, state, keep_steps: Iterable[int] = ()
     keep = {str(s) for s in keep_steps} | {str(step)}
     digests = {k: v for k, v in digests.items() if k in keep}
     digests[str(step)] = state_digest(state)
-    path = os.path.join(workdir, DIGESTS_FILE)
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(digests, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    atomic_write_text(os.path.join(workdir, DIGESTS_FILE),
+                      json.dumps(digests, indent=1, sort_keys=True))
 
 
 def _one_line(error: BaseException) -> str:
@@ -330,3 +336,176 @@ class CollapseDetector:
                 "Remedy: use a smaller alpha (the paper reports about 0.1 working well), or "
                 "anneal it with --config.alpha_schedule; rerun in a new workdir."
             )
+
+
+# ---------------------------------------------------------------------------------- full disk
+
+# ENOSPC: the file system is full; EDQUOT: the user's quota is; EFBIG: a file-size limit
+# (`ulimit -f`, RLIMIT_FSIZE) was reached.
+DISK_FULL_ERRNOS = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT", errno.EFBIG: "EFBIG"}
+# Orbax/TensorStore report a failed write as a ValueError naming the errno in its message.
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='?(\d+)")
+_TEMPORARY_SUFFIX = ".partial"  # atomic_write_text's temporary files: `<path><suffix><pid>`
+_ORBAX_TEMPORARY = ".orbax-checkpoint-tmp"
+
+
+class DiskFullError(OSError):
+    """A write into the workdir failed for lack of space; rerunning once there is space resumes."""
+
+    def __init__(self, path: str, cause: str):
+        super().__init__(
+            f"no space left on device writing {path} ({cause}). The run stopped; the "
+            "half-written files were removed and the checkpoints written before are kept: "
+            "free space (or raise the file-size limit) and rerun the same command to resume."
+        )
+        self.path = path
+        self.cause = cause
+
+
+def disk_full_cause(error: BaseException | None) -> str | None:
+    """`'ENOSPC: No space left on device'` (or EDQUOT, EFBIG) if `error` or one of its causes
+    is a failed write for lack of space, else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, DiskFullError):
+            return error.cause
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return f"{DISK_FULL_ERRNOS[error.errno]}: {os.strerror(error.errno)}"
+        match = _TENSORSTORE_ERRNO.search(str(error))
+        if match and int(match.group(1)) in DISK_FULL_ERRNOS:
+            code = int(match.group(1))
+            return f"{DISK_FULL_ERRNOS[code]}: {os.strerror(code)}"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def disk_full_check(path: str | Callable[[BaseException], str]):
+    """Turns a failed write for lack of space inside the block into DiskFullError.
+
+    Args:
+      path: the file written, or a function of the error that names it.
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as error:  # pylint: disable=broad-except  # Orbax raises ValueError
+        cause = disk_full_cause(error)
+        if cause is None:
+            raise
+        raise DiskFullError(path(error) if callable(path) else path, cause) from None
+
+
+def checkpoint_path_of(checkpoint_dir: str) -> Callable[[BaseException], str]:
+    """For disk_full_check: the step directory a failed Orbax save was writing, which its error
+    names (the error of an async save surfaces at the next save or wait), else the folder."""
+
+    def path_of(error: BaseException) -> str:
+        pattern = re.escape(os.fspath(checkpoint_dir)) + r"/(\d+)" + re.escape(_ORBAX_TEMPORARY)
+        match = re.search(pattern, str(error))
+        return os.path.join(checkpoint_dir, match.group(1)) if match else os.fspath(checkpoint_dir)
+
+    return path_of
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and `os.replace`.
+
+    A kill or a full disk leaves either the old file or the new one, never a truncated one, and
+    a failed write removes its temporary file. Raises DiskFullError for lack of space.
+    """
+    temporary = f"{path}{_TEMPORARY_SUFFIX}{os.getpid()}"
+    try:
+        with disk_full_check(path):
+            with open(temporary, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
+def remove_partial_writes(workdir: str) -> list[str]:
+    """Removes what failed writes leave in `workdir`: unfinished Orbax checkpoint directories
+    and the temporary files of `atomic_write_text`. Returns the paths removed."""
+    removed = []
+    patterns = [os.path.join(workdir, "checkpoints", f"*{_ORBAX_TEMPORARY}*"),
+                os.path.join(workdir, f"*{_TEMPORARY_SUFFIX}[0-9]*")]
+    for path in sorted({p for pattern in patterns for p in glob.glob(pattern)}):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        removed.append(path)
+    return removed
+
+
+class _StripDiskFullTracebacks(std_logging.Filter):
+    """Orbax logs the failure of a background save with its traceback, once per thread it
+    passes through; for lack of space the one-line DiskFullError says all that matters."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.exc_info and disk_full_cause(record.exc_info[1]) is not None:
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _closed_loop_unraisable(previous_hook):
+    def hook(unraisable):
+        # When one write of an Orbax save fails, Orbax stops waiting and closes its event loop;
+        # TensorStore then reports each of the other writes of that save, finishing later, as
+        # an unraisable "Event loop is closed" with a traceback. The failure is reported once,
+        # by the save itself.
+        if (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            return
+        previous_hook(unraisable)
+
+    hook.closed_loop_filter = True
+    return hook
+
+
+def quiet_disk_full_tracebacks() -> None:
+    """Keeps Orbax's log lines about a failed write for lack of space, without tracebacks, and
+    drops the echoes of a failed save (see `_closed_loop_unraisable`). For the command line."""
+    absl_logger = logging.get_absl_logger()
+    if not any(isinstance(f, _StripDiskFullTracebacks) for f in absl_logger.filters):
+        absl_logger.addFilter(_StripDiskFullTracebacks())
+    if not getattr(sys.unraisablehook, "closed_loop_filter", False):
+        sys.unraisablehook = _closed_loop_unraisable(sys.unraisablehook)
+
+
+# ---------------------------------------------------------------------------- resume hygiene
+
+
+def trim_metrics(path: str, last_step: int) -> int:
+    """Keeps the lines of metrics.jsonl with `step <= last_step` (the restored checkpoint).
+
+    Steps after the checkpoint were logged by an attempt that was then killed; the resumed run
+    executes and logs them again. Lines that do not parse (cut short by a kill) go too. The
+    file is replaced atomically. Returns the number of lines dropped.
+    """
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines(keepends=True)
+    except FileNotFoundError:
+        return 0
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            keep = line.endswith("\n") and int(record["step"]) <= last_step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(kept))
+    return len(lines) - len(kept)

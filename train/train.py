@@ -4,7 +4,8 @@
 trains with data parallelism over all devices (a `Mesh` with one axis `data`: the batch is
 sharded, the state replicated), evaluates, and writes into `workdir`:
 
-  metrics.jsonl      one JSON object per log step and per evaluation
+  metrics.jsonl      one JSON object per log step and per evaluation (on resume, the lines of
+                     steps after the restored checkpoint are dropped: each step appears once)
   results.json       the final test accuracy and a sha256 fingerprint of the parameters
   config.json        the config of the run (a resumed run must match it)
   checkpoints/       Orbax checkpoints; rerunning on the same workdir resumes from the latest
@@ -22,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -380,6 +382,8 @@ def check_workdir(workdir: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as error:
+        if reliability.disk_full_cause(error):
+            raise reliability.DiskFullError(workdir, reliability.disk_full_cause(error)) from None
         raise WorkdirError(
             f"workdir {workdir!r} is not writable: {error.strerror or error}"
         ) from None
@@ -406,30 +410,111 @@ def check_or_write_config(config, workdir: str, *, write: bool) -> None:
                 + "); use a new workdir or the same config to resume"
             )
     if write:
+        text = config.to_json(indent=2, sort_keys=True)
+        try:
+            with open(path) as f:
+                if f.read() == text:
+                    return  # unchanged: no write (a rerun on a full disk needs none)
+        except OSError:
+            pass
         # Atomic: a kill mid-write must not leave a truncated config.json that breaks a resume.
-        with open(f"{path}.tmp", "w") as f:
-            f.write(config.to_json(indent=2, sort_keys=True))
-        os.replace(f"{path}.tmp", path)
+        reliability.atomic_write_text(path, text)
+
+
+def _append(file, data: bytes, path: str) -> None:
+    """Appends `data` to `file` (opened unbuffered, "ab"); on failure cuts the file back to
+    where it was, so no half-written line or record is left, and raises DiskFullError for lack
+    of space."""
+    descriptor = file.fileno()
+    position = os.lseek(descriptor, 0, os.SEEK_END)
+    try:
+        with reliability.disk_full_check(path):
+            view = memoryview(data)
+            while view:  # a write can be partial: up to the limit, the next one fails
+                view = view[os.write(descriptor, view):]
+    except BaseException:
+        try:  # cutting a file back needs no space
+            os.ftruncate(descriptor, position)
+        except OSError:
+            pass
+        raise
+
+
+class TensorBoardEvents:
+    """A TensorBoard event file written synchronously, in the calling thread.
+
+    (tensorboardX's SummaryWriter writes from a daemon thread: a write that fails there, e.g. on
+    a full disk, kills the thread with a traceback and later calls block on its full queue.)
+    `purge_step` (for a resumed run) tells TensorBoard to discard the events of earlier files
+    at that step and after, which the resumed run logs again.
+    """
+
+    def __init__(self, logdir: str, purge_step: int | None = None):
+        from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+        from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+
+        self._event_pb2, self._summary = event_pb2, summary
+        os.makedirs(logdir, exist_ok=True)
+        self.path = os.path.join(
+            logdir, f"events.out.tfevents.{time.time():.6f}.{os.uname().nodename}.{os.getpid()}"
+        )
+        with reliability.disk_full_check(self.path):
+            self._file = open(self.path, "ab", buffering=0)
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        if purge_step is not None:
+            self._write(event_pb2.Event(
+                wall_time=time.time(), step=purge_step,
+                session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+    def _write(self, *events) -> None:
+        from tensorboardX.record_writer import masked_crc32c  # pylint: disable=g-import-not-at-top
+
+        records = []
+        for event in events:
+            data = event.SerializeToString()
+            header = struct.pack("Q", len(data))
+            records += [header, struct.pack("I", masked_crc32c(header)), data,
+                        struct.pack("I", masked_crc32c(data))]
+        _append(self._file, b"".join(records), self.path)
+
+    def scalars(self, step: int, scalars: dict[str, float]) -> None:
+        now = time.time()
+        self._write(*(
+            self._event_pb2.Event(wall_time=now, step=step,
+                                  summary=self._summary.scalar(name, value))
+            for name, value in scalars.items()))
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class MetricWriter:
-    """Writes metrics.jsonl and TensorBoard events; a no-op on every process but process 0."""
+    """Writes metrics.jsonl and TensorBoard events; a no-op on every process but process 0.
 
-    def __init__(self, workdir: str, enabled: bool):
+    Every write is flushed at once and either lands whole or not at all; for lack of space it
+    raises reliability.DiskFullError. `resumed_from` (the restored step, 0 for a fresh start)
+    first drops the lines of later steps, which the run logs again.
+    """
+
+    def __init__(self, workdir: str, enabled: bool, resumed_from: int = 0):
         self.enabled = enabled
         if enabled:
-            from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
+            reliability.trim_metrics(self._jsonl_path, resumed_from)
+            tensorboard_dir = os.path.join(workdir, "tensorboard")
+            earlier = os.path.isdir(tensorboard_dir) and any(
+                name.startswith("events.") for name in os.listdir(tensorboard_dir))
+            with reliability.disk_full_check(self._jsonl_path):
+                self._jsonl = open(self._jsonl_path, "ab", buffering=0)
+            self._tensorboard = TensorBoardEvents(
+                tensorboard_dir, purge_step=resumed_from + 1 if earlier else None)
 
     def write(self, step: int, kind: str, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, "kind": kind, **scalars}) + "\n")
-        self._jsonl.flush()
-        for name, value in scalars.items():
-            self._tensorboard.add_scalar(f"{kind}/{name}", value, step)
+        line = json.dumps({"step": step, "kind": kind, **scalars}) + "\n"
+        _append(self._jsonl, line.encode(), self._jsonl_path)
+        self._tensorboard.scalars(step, {f"{kind}/{name}": v for name, v in scalars.items()})
 
     def close(self) -> None:
         if self.enabled:
@@ -512,7 +597,23 @@ def train_and_evaluate(
 
     Returns:
       The results also written to `<workdir>/results.json`.
+
+    Raises:
+      reliability.DiskFullError: a write into `workdir` failed for lack of space. What was
+        half-written (an unfinished checkpoint, a temporary file, a partial metrics line) is
+        removed first; the finished checkpoints stay, so rerunning once there is space resumes.
     """
+    try:
+        return _train_and_evaluate(config, workdir, devices=devices)
+    except reliability.DiskFullError:
+        if jax.process_index() == 0:
+            removed = reliability.remove_partial_writes(os.path.abspath(os.path.expanduser(workdir)))
+            if removed:
+                logging.warning("Disk full: removed the half-written %s", ", ".join(removed))
+        raise
+
+
+def _train_and_evaluate(config, workdir, *, devices):
     devices = list(jax.devices() if devices is None else devices)
     validate_config(config, num_devices=len(devices))
     workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -545,12 +646,19 @@ def train_and_evaluate(
     sharded = functions.sharded
     state = functions.init()
 
-    checkpoints = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.max_checkpoints_to_keep, create=True
-        ),
-    )
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    # A failed save (full disk) is reported at the next save or wait, naming its step directory.
+    checkpoint_writes = functools.partial(
+        reliability.disk_full_check, reliability.checkpoint_path_of(checkpoint_dir))
+    with checkpoint_writes():
+        checkpoints = ocp.CheckpointManager(
+            checkpoint_dir,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=config.max_checkpoints_to_keep,
+                create=True,
+                cleanup_tmp_directories=True,  # unfinished saves of a killed run: free the space
+            ),
+        )
     start_step = 0
     restored, _ = reliability.restore_latest_good(
         checkpoints,
@@ -595,7 +703,7 @@ def train_and_evaluate(
             "test_accuracy": totals["correct"] / totals["count"],
         }
 
-    writer = MetricWriter(workdir, is_writer)
+    writer = MetricWriter(workdir, is_writer, resumed_from=start_step)
     progress = tqdm.tqdm(
         total=num_steps,
         initial=start_step,
@@ -626,7 +734,8 @@ def train_and_evaluate(
         # The digest is written before the (async) save, so every checkpoint has one.
         if is_writer:
             reliability.record_digest(workdir, done, state, keep_steps=checkpoints.all_steps())
-        checkpoints.save(done, args=ocp.args.StandardSave(state), **kwargs)
+        with checkpoint_writes():
+            checkpoints.save(done, args=ocp.args.StandardSave(state), **kwargs)
 
     preemption.__enter__()
     try:
@@ -674,7 +783,8 @@ def train_and_evaluate(
             if preemption.requested and done < num_steps:
                 if checkpoints.latest_step() != done:
                     save_checkpoint(done, force=True)
-                checkpoints.wait_until_finished()
+                with checkpoint_writes():
+                    checkpoints.wait_until_finished()
                 raise reliability.Preempted(done, preemption.signal_name)
     except KeyboardInterrupt:
         # The batch and the noise of a step follow from the step alone, so a checkpoint of the
@@ -694,7 +804,8 @@ def train_and_evaluate(
     finally:
         preemption.__exit__(None, None, None)
         progress.close()
-        checkpoints.wait_until_finished()
+        with checkpoint_writes():
+            checkpoints.wait_until_finished()
 
     if not eval_metrics:  # nothing left to train: the run had finished; evaluate again
         eval_metrics = evaluate(num_steps)
@@ -718,9 +829,10 @@ def train_and_evaluate(
         "num_devices": len(devices),
         "params_sha256": params_fingerprint(state.params),
     }
-    if is_writer:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+    if is_writer:  # atomic: a kill or a full disk leaves no truncated results.json
+        reliability.atomic_write_text(
+            os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
     writer.close()
-    checkpoints.close()
+    with checkpoint_writes():
+        checkpoints.close()
     return results
