@@ -498,6 +498,15 @@ def test_full_tmpfs_mid_run_then_rerun_with_space_resumes(
     assert_disk_full_failure(process, workdir, workdir / "checkpoints" / "9", "ENOSPC")
     saved = saved_steps(workdir)
     assert saved == [3, 6], saved
+    # Rerun while the disk is still full: it stops before writing anything and changes nothing.
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    filler = workdir / "filler"
+    with open(filler, "wb", buffering=0) as f, pytest.raises(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+    assert_disk_full_failure(start(workdir), workdir, workdir, "ENOSPC")
+    filler.unlink()
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
     grow("64m")  # space freed
     results = run_to_completion(workdir)
     assert results["resumed_from_step"] == saved[-1]

@@ -375,13 +375,15 @@ def params_fingerprint(params) -> str:
 
 def check_workdir(workdir: str) -> None:
     """Creates `workdir` and proves it writable, so a bad path fails before any work is done."""
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test_{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as error:
+        if os.path.exists(probe):  # created, then the write failed (a full disk)
+            os.remove(probe)
         if reliability.disk_full_cause(error):
             raise reliability.DiskFullError(workdir, reliability.disk_full_cause(error)) from None
         raise WorkdirError(
