@@ -421,6 +421,8 @@ def _loss_with_checks(logits, labels, rng, alpha, sigma, amplitude, where, *, no
         checkify.check(jnp.all(jnp.isfinite(amplitude)), "`amplitude` contains NaN or infinity.")
     checkify.check(alpha >= 0, "`alpha` must be >= 0; got {alpha}.", alpha=alpha)
     checkify.check(sigma >= 0, "`sigma` must be >= 0; got {sigma}.", sigma=sigma)
+    checkify.check(jnp.isfinite(alpha), "`alpha` must be finite; got {alpha}.", alpha=alpha)
+    checkify.check(jnp.isfinite(sigma), "`sigma` must be finite; got {sigma}.", sigma=sigma)
     return _loss(logits, labels, rng, alpha, sigma, amplitude, where, noise=noise,
                  shared_noise=shared_noise, negative=negative)
 
@@ -450,7 +452,7 @@ def checked_noisy_softmax_cross_entropy(
     plain loss cannot inspect them. This variant uses
     ``jax.experimental.checkify`` to report, after the fact, labels outside
     ``[0, num_classes)``, non-finite ``logits`` or ``amplitude`` and a negative
-    ``alpha`` or ``sigma``. It costs a few reductions over the inputs.
+    or infinite ``alpha`` or ``sigma``. It costs a few reductions over the inputs.
 
     Args:
       As in :func:`noisy_softmax_cross_entropy`.

@@ -395,6 +395,8 @@ CHECKED_VALUE_ERRORS = {
     "label out of range": r"`labels` must lie in \[0, 5\); found label",
     "negative alpha": r"`alpha` must be >= 0",
     "negative sigma": r"`sigma` must be >= 0",
+    "infinite alpha": r"`alpha` must be finite",
+    "infinite sigma": r"`sigma` must be finite",
     "non-finite logits": r"`logits` contains NaN or infinity",
     "non-finite amplitude": r"`amplitude` contains NaN or infinity",
 }
@@ -413,6 +415,10 @@ def test_checked_mode_reports_every_bad_value_under_jit(case, name):
         alpha = np.float32(-gen.uniform(1e-6, 10))
     elif name == "negative sigma":
         sigma = np.float32(-gen.uniform(1e-6, 10))
+    elif name == "infinite alpha":
+        alpha = np.float32(np.inf)
+    elif name == "infinite sigma":
+        sigma = np.float32(np.inf)
     elif name == "non-finite logits":
         logits[index + (int(gen.integers(5)),)] = gen.choice([np.nan, np.inf, -np.inf])
     else:
