@@ -74,15 +74,28 @@ def _noisy_logits(logits, labels, noisy_target):
                        jnp.minimum(noisy_target[..., None], -off_target))
 
 
+@jax.custom_jvp
 def _computed_once(x):
     """`x`, unchanged, as the result of a reduction that XLA computes once.
 
     XLA fuses a cheap per-example computation (here the noise sampling behind
     d f~_y / d f_y) into the [..., classes] loop that reads it and redoes it for every
     class; `lax.optimization_barrier` does not stop this on CPU (it is removed before
-    fusion). A sum with a zero is exact and is not fused into its consumer.
+    fusion). A reduction is not fused into its consumer: here a bitwise or of x's bits with
+    zero, exact. (A sum with a zero would be as exact, but XLA:CPU hands float sums to its
+    YNNPACK fusions, which can absorb the consumer's broadcast and write a [..., classes]
+    array.) Its derivative is the identity.
     """
-    return jnp.sum(jnp.stack([x, jnp.zeros_like(x)], axis=-1), axis=-1)
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
+    stacked = jnp.stack([bits, jnp.zeros_like(bits)], axis=-1)
+    bits = jax.lax.reduce(stacked, bits.dtype.type(0), jax.lax.bitwise_or, (stacked.ndim - 1,))
+    return jax.lax.bitcast_convert_type(bits, x.dtype)
+
+
+@_computed_once.defjvp
+def _computed_once_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return _computed_once(x), dx
 
 
 # How far (in nats) the noise may push a target that is the largest logit below that
@@ -198,8 +211,12 @@ def _noisy_cross_entropy_jvp(noise, shared_noise, negative, keep_exponentials, p
         # d loss / d logits is p~ everywhere but on the target column, where it is
         # (p~_y - 1) d f~_y / d f_y.
         if half_precision:
-            # One pass that writes the half-precision gradient directly.
-            d_loss_d_logits = jnp.where(is_target, (probs - 1) * slope[..., None], probs)
+            # One pass that writes the half-precision gradient directly. The target column's
+            # value is a per-example product selected in that pass (probs there is
+            # target_prob, bit for bit): written as (probs - 1) * slope over the whole
+            # array, XLA may materialize that product as a float32 [..., classes] array.
+            target_gradient = (target_prob - 1) * slope
+            d_loss_d_logits = jnp.where(is_target, target_gradient[..., None], probs)
             d_loss = jnp.sum(d_loss_d_logits * d_logits, axis=-1)
         else:
             # p~ plus a per-example correction at the label, which reverse mode adds in
@@ -215,8 +232,8 @@ def _noisy_cross_entropy_jvp(noise, shared_noise, negative, keep_exponentials, p
         probs = jnp.exp(jnp.where(is_target, noisy_target[..., None], logits)
                         - log_normalizer[..., None])
         # d loss / d logits: p~ off the target, (p~_y - 1) d f~_y / d f_y on it, in one
-        # elementwise pass.
-        d_loss_d_logits = jnp.where(is_target, (probs - 1) * slope[..., None], probs)
+        # elementwise pass (the target's value per example: probs there is target_prob).
+        d_loss_d_logits = jnp.where(is_target, ((target_prob - 1) * slope)[..., None], probs)
         d_loss = jnp.sum(d_loss_d_logits * d_logits, axis=-1)
     loss = log_normalizer - noisy_target
     d_loss = d_loss + (target_prob - 1) * d_noisy_target_rest
