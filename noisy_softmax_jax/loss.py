@@ -9,9 +9,11 @@ and an explicit PRNG key.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 
 from noisy_softmax_jax import _validation
@@ -30,13 +32,76 @@ def _compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+# Threefry-2x32 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011):
+# 20 rounds in 5 groups of 4, rotation constants alternating between the two rows below,
+# a key injection after each group.
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_THREEFRY_PARITY = np.uint32(0x1BD11BDA)
+
+
+def _threefry2x32(key, x0, x1):
+    """The Threefry-2x32 block function of the counter pair (x0, x1), as straight-line code."""
+    keys = (key[0], key[1], key[0] ^ key[1] ^ _THREEFRY_PARITY)
+    x0, x1 = x0 + keys[0], x1 + keys[1]
+    for group in range(5):
+        for rotation in _THREEFRY_ROTATIONS[group % 2]:
+            x0 = x0 + x1
+            x1 = (jax.lax.shift_left(x1, np.uint32(rotation))
+                  | jax.lax.shift_right_logical(x1, np.uint32(32 - rotation)))
+            x1 = x0 ^ x1
+        x0 = x0 + keys[(group + 1) % 3]
+        x1 = x1 + keys[(group + 2) % 3] + np.uint32(group + 1)
+    return x0, x1
+
+
+def _is_threefry_key(rng) -> bool:
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return str(jax.random.key_impl(rng)) == "threefry2x32"
+    return jax.config.jax_default_prng_impl == "threefry2x32"  # a legacy uint32[2] key
+
+
+def _standard_normal(rng, shape, dtype):
+    """``jax.random.normal(rng, shape, dtype)``, bit for bit, without its loop on CPU.
+
+    On XLA:CPU JAX lowers the threefry hash to a five-step while loop (to keep compile times
+    short), and each step runs a dozen small kernels: for the one normal per example this
+    loss draws, that loop costs more than the [batch, classes] work of a small batch. For a
+    float32 draw from a threefry key (partitionable mode, JAX's default) the same bits are
+    computed here as one straight-line elementwise computation, then turned into normals as
+    ``jax.random.normal`` does (uniform in [nextafter(-1, 0), 1) from the top 23 bits, then
+    sqrt(2) erfinv). Any other key, dtype, mode or backend calls ``jax.random.normal``.
+    ``tests/test_noise_draw.py`` pins the equality.
+    """
+    size = math.prod(shape)
+    if not (dtype == jnp.float32 and size < 2**32 and jax.default_backend() == "cpu"
+            and jax.config.jax_threefry_partitionable and _is_threefry_key(rng)):
+        return jax.random.normal(rng, shape, dtype=dtype)
+    key = jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    # The counter of element i (row-major) is the 64-bit integer i, as (high, low) words;
+    # written with broadcasted iotas, which a sharded batch partitions without gathering.
+    low = jnp.zeros(shape, jnp.uint32)
+    for axis in range(len(shape)):
+        stride = np.uint32(math.prod(shape[axis + 1:]))
+        low = low + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * stride
+    bits0, bits1 = _threefry2x32(key, jnp.zeros(shape, jnp.uint32), low)
+    bits = bits0 ^ bits1
+    # A float in [1, 2) with the top 23 bits as its mantissa, moved to [lo, 1).
+    one = np.float32(1.0)
+    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    floats = jax.lax.bitcast_convert_type(
+        jax.lax.shift_right_logical(bits, np.uint32(9)) | one.view(np.uint32), jnp.float32) - one
+    uniform = jax.lax.max(lo, floats * (one - lo) + lo)
+    return np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform)
+
+
 def _noisy_target_logit(target_logit, rng, alpha, sigma, amplitude, *, noise, shared_noise,
                         negative):
     """Unchecked core of :func:`noisy_target_logit`; inputs already in the compute dtype."""
     dtype = target_logit.dtype
     shape = () if shared_noise else target_logit.shape
-    # xi is a sampled constant: no gradient reaches alpha, sigma or the key.
-    xi = jax.random.normal(rng, shape, dtype=dtype)
+    # xi is a sampled constant: no gradient reaches alpha, sigma or the key. Computed once:
+    # else XLA redoes the hash and erfinv in every per-example kernel that reads xi.
+    xi = _computed_once(_standard_normal(rng, shape, dtype))
     magnitude = jnp.asarray(alpha, dtype) * jnp.asarray(sigma, dtype) * jnp.abs(xi)
     if noise == "annealed":
         # ||W_y|| ||x|| (1 - cos theta) = amplitude - f_y is >= 0 in exact arithmetic
@@ -74,15 +139,28 @@ def _noisy_logits(logits, labels, noisy_target):
                        jnp.minimum(noisy_target[..., None], -off_target))
 
 
+@jax.custom_jvp
 def _computed_once(x):
     """`x`, unchanged, as the result of a reduction that XLA computes once.
 
     XLA fuses a cheap per-example computation (here the noise sampling behind
     d f~_y / d f_y) into the [..., classes] loop that reads it and redoes it for every
     class; `lax.optimization_barrier` does not stop this on CPU (it is removed before
-    fusion). A sum with a zero is exact and is not fused into its consumer.
+    fusion). A reduction is not fused into its consumer: here a bitwise or of x's bits with
+    zero, exact. (A sum with a zero would be as exact, but XLA:CPU hands float sums to its
+    YNNPACK fusions, which can absorb the consumer's broadcast and write a [..., classes]
+    array.) Its derivative is the identity.
     """
-    return jnp.sum(jnp.stack([x, jnp.zeros_like(x)], axis=-1), axis=-1)
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
+    stacked = jnp.stack([bits, jnp.zeros_like(bits)], axis=-1)
+    bits = jax.lax.reduce(stacked, bits.dtype.type(0), jax.lax.bitwise_or, (stacked.ndim - 1,))
+    return jax.lax.bitcast_convert_type(bits, x.dtype)
+
+
+@_computed_once.defjvp
+def _computed_once_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return _computed_once(x), dx
 
 
 # How far (in nats) the noise may push a target that is the largest logit below that
@@ -198,8 +276,12 @@ def _noisy_cross_entropy_jvp(noise, shared_noise, negative, keep_exponentials, p
         # d loss / d logits is p~ everywhere but on the target column, where it is
         # (p~_y - 1) d f~_y / d f_y.
         if half_precision:
-            # One pass that writes the half-precision gradient directly.
-            d_loss_d_logits = jnp.where(is_target, (probs - 1) * slope[..., None], probs)
+            # One pass that writes the half-precision gradient directly. The target column's
+            # value is a per-example product selected in that pass (probs there is
+            # target_prob, bit for bit): written as (probs - 1) * slope over the whole
+            # array, XLA may materialize that product as a float32 [..., classes] array.
+            target_gradient = (target_prob - 1) * slope
+            d_loss_d_logits = jnp.where(is_target, target_gradient[..., None], probs)
             d_loss = jnp.sum(d_loss_d_logits * d_logits, axis=-1)
         else:
             # p~ plus a per-example correction at the label, which reverse mode adds in
@@ -215,8 +297,8 @@ def _noisy_cross_entropy_jvp(noise, shared_noise, negative, keep_exponentials, p
         probs = jnp.exp(jnp.where(is_target, noisy_target[..., None], logits)
                         - log_normalizer[..., None])
         # d loss / d logits: p~ off the target, (p~_y - 1) d f~_y / d f_y on it, in one
-        # elementwise pass.
-        d_loss_d_logits = jnp.where(is_target, (probs - 1) * slope[..., None], probs)
+        # elementwise pass (the target's value per example: probs there is target_prob).
+        d_loss_d_logits = jnp.where(is_target, ((target_prob - 1) * slope)[..., None], probs)
         d_loss = jnp.sum(d_loss_d_logits * d_logits, axis=-1)
     loss = log_normalizer - noisy_target
     d_loss = d_loss + (target_prob - 1) * d_noisy_target_rest
