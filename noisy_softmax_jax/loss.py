@@ -9,13 +9,12 @@ and an explicit PRNG key.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import checkify
 
+from noisy_softmax_jax import _noise
 from noisy_softmax_jax import _validation
 from noisy_softmax_jax._validation import NOISE_VARIANTS
 
@@ -32,68 +31,6 @@ def _compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-# Threefry-2x32 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011):
-# 20 rounds in 5 groups of 4, rotation constants alternating between the two rows below,
-# a key injection after each group.
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-_THREEFRY_PARITY = np.uint32(0x1BD11BDA)
-
-
-def _threefry2x32(key, x0, x1):
-    """The Threefry-2x32 block function of the counter pair (x0, x1), as straight-line code."""
-    keys = (key[0], key[1], key[0] ^ key[1] ^ _THREEFRY_PARITY)
-    x0, x1 = x0 + keys[0], x1 + keys[1]
-    for group in range(5):
-        for rotation in _THREEFRY_ROTATIONS[group % 2]:
-            x0 = x0 + x1
-            x1 = (jax.lax.shift_left(x1, np.uint32(rotation))
-                  | jax.lax.shift_right_logical(x1, np.uint32(32 - rotation)))
-            x1 = x0 ^ x1
-        x0 = x0 + keys[(group + 1) % 3]
-        x1 = x1 + keys[(group + 2) % 3] + np.uint32(group + 1)
-    return x0, x1
-
-
-def _is_threefry_key(rng) -> bool:
-    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        return str(jax.random.key_impl(rng)) == "threefry2x32"
-    return jax.config.jax_default_prng_impl == "threefry2x32"  # a legacy uint32[2] key
-
-
-def _standard_normal(rng, shape, dtype):
-    """``jax.random.normal(rng, shape, dtype)``, bit for bit, without its loop on CPU.
-
-    On XLA:CPU JAX lowers the threefry hash to a five-step while loop (to keep compile times
-    short), and each step runs a dozen small kernels: for the one normal per example this
-    loss draws, that loop costs more than the [batch, classes] work of a small batch. For a
-    float32 draw from a threefry key (partitionable mode, JAX's default) the same bits are
-    computed here as one straight-line elementwise computation, then turned into normals as
-    ``jax.random.normal`` does (uniform in [nextafter(-1, 0), 1) from the top 23 bits, then
-    sqrt(2) erfinv). Any other key, dtype, mode or backend calls ``jax.random.normal``.
-    ``tests/test_noise_draw.py`` pins the equality.
-    """
-    size = math.prod(shape)
-    if not (dtype == jnp.float32 and size < 2**32 and jax.default_backend() == "cpu"
-            and jax.config.jax_threefry_partitionable and _is_threefry_key(rng)):
-        return jax.random.normal(rng, shape, dtype=dtype)
-    key = jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
-    # The counter of element i (row-major) is the 64-bit integer i, as (high, low) words;
-    # written with broadcasted iotas, which a sharded batch partitions without gathering.
-    low = jnp.zeros(shape, jnp.uint32)
-    for axis in range(len(shape)):
-        stride = np.uint32(math.prod(shape[axis + 1:]))
-        low = low + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * stride
-    bits0, bits1 = _threefry2x32(key, jnp.zeros(shape, jnp.uint32), low)
-    bits = bits0 ^ bits1
-    # A float in [1, 2) with the top 23 bits as its mantissa, moved to [lo, 1).
-    one = np.float32(1.0)
-    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
-    floats = jax.lax.bitcast_convert_type(
-        jax.lax.shift_right_logical(bits, np.uint32(9)) | one.view(np.uint32), jnp.float32) - one
-    uniform = jax.lax.max(lo, floats * (one - lo) + lo)
-    return np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform)
-
-
 def _noisy_target_logit(target_logit, rng, alpha, sigma, amplitude, *, noise, shared_noise,
                         negative):
     """Unchecked core of :func:`noisy_target_logit`; inputs already in the compute dtype."""
@@ -101,7 +38,7 @@ def _noisy_target_logit(target_logit, rng, alpha, sigma, amplitude, *, noise, sh
     shape = () if shared_noise else target_logit.shape
     # xi is a sampled constant: no gradient reaches alpha, sigma or the key. Computed once:
     # else XLA redoes the hash and erfinv in every per-example kernel that reads xi.
-    xi = _computed_once(_standard_normal(rng, shape, dtype))
+    xi = _computed_once(_noise.standard_normal(rng, shape, dtype))
     magnitude = jnp.asarray(alpha, dtype) * jnp.asarray(sigma, dtype) * jnp.abs(xi)
     if noise == "annealed":
         # ||W_y|| ||x|| (1 - cos theta) = amplitude - f_y is >= 0 in exact arithmetic

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import noisy_softmax_jax as nsj
-from noisy_softmax_jax import loss as loss_lib
+from noisy_softmax_jax import _noise
 
 SHAPES = [(), (1,), (2,), (7,), (3, 5), (2, 3, 4), (1024,), (100_003,)]
 
@@ -22,19 +22,19 @@ def _bits(x):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_standard_normal_is_jax_random_normal_bit_for_bit(shape):
-    draw = jax.jit(loss_lib._standard_normal, static_argnums=(1, 2))
+    draw = jax.jit(_noise.standard_normal, static_argnums=(1, 2))
     for seed in range(4):
         for key in _keys(seed):
             expected = _bits(jax.random.normal(key, shape, jnp.float32))
             np.testing.assert_array_equal(_bits(draw(key, shape, jnp.float32)), expected)
             np.testing.assert_array_equal(
-                _bits(loss_lib._standard_normal(key, shape, jnp.float32)), expected)
+                _bits(_noise.standard_normal(key, shape, jnp.float32)), expected)
 
 
 def test_other_keys_use_jax_random_normal():
     key = jax.random.key(3, impl="rbg")
     np.testing.assert_array_equal(
-        _bits(loss_lib._standard_normal(key, (5,), jnp.float32)),
+        _bits(_noise.standard_normal(key, (5,), jnp.float32)),
         _bits(jax.random.normal(key, (5,), jnp.float32)))
 
 
