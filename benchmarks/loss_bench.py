@@ -20,9 +20,6 @@ logits and one write of their gradient, over the measured time.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +31,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import noisy_softmax_jax as nsj  # noqa: E402
+from benchmarks import _timing  # noqa: E402
 
 DEFAULT_SIZES = ("256x10", "1024x100", "1024x1000", "4096x1000", "1024x10000", "1024x100000")
 QUICK_SIZES = ("256x10", "1024x100", "1024x1000")
@@ -87,20 +85,11 @@ def bench_size(batch, num_classes, dtype, steps, *, min_repeats, budget_s):
     for fn, args in calls.values():  # compile and warm up
         for _ in range(3):
             jax.block_until_ready(fn(*args))
-    times = {name: [] for name in calls}
-    names = list(calls)
-    start = time.perf_counter()
-    repeat = 0
-    while repeat < min_repeats or (time.perf_counter() - start < budget_s and repeat < 10_000):
-        # Rotate the order so no one always runs right after the same neighbour.
-        order = names[repeat % 3:] + names[:repeat % 3]
-        for name in order:
-            fn, args = calls[name]
-            times[name].append(time_once(fn, *args))
-        repeat += 1
-    median = {name: statistics.median(ts) for name, ts in times.items()}
-    # Per-repeat ratios, paired within a round, are less noisy than a ratio of medians.
-    paired = statistics.median(o / t for o, t in zip(times["ours"], times["optax"]))
+    times, repeat = _timing.interleaved_times(
+        {name: lambda fn=fn, args=args: time_once(fn, *args) for name, (fn, args) in calls.items()},
+        min_repeats=min_repeats, budget_s=budget_s)
+    median = _timing.medians(times)
+    paired = _timing.paired_ratio(times, "ours", "optax")
     nbytes = logits.size * logits.dtype.itemsize
     return {
         "batch": batch,
@@ -135,9 +124,7 @@ def main(argv=None):
     min_repeats = args.min_repeats or (5 if args.quick else 15)
 
     steps = make_steps()
-    device = jax.devices()[0]
-    print(f"# {device.platform} {device.device_kind}, {jax.device_count()} device(s), "
-          f"jax {jax.__version__}, optax {optax.__version__}")
+    print(_timing.device_line(optax=optax.__version__))
     header = (f"{'size':>12} {'dtype':>8} {'optax ms':>10} {'ours ms':>10} {'ratio':>6} "
               f"{'paired':>6} {'optax GB/s':>10} {'ours GB/s':>9} {'copy GB/s':>9} {'n':>5}")
     print(header)
@@ -152,19 +139,7 @@ def main(argv=None):
                   f"{row['ours_s'] * 1e3:10.3f} {row['ratio']:6.3f} {row['paired_ratio']:6.3f} "
                   f"{row['optax_gbps']:10.2f} {row['ours_gbps']:9.2f} {row['copy_gbps']:9.2f} "
                   f"{row['repeats']:5d}", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "device": f"{device.platform} {device.device_kind}",
-            "device_count": jax.device_count(),
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "jax": jax.__version__,
-            "optax": optax.__version__,
-            "alpha": ALPHA,
-            "results": results,
-        }, indent=2))
-        print(f"# wrote {args.json}")
+    _timing.write_json(args.json, results, optax=optax.__version__, alpha=ALPHA)
     return results
 
 

@@ -15,8 +15,6 @@ median images/s of each and the median of the per-round time ratios noisy / soft
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import _timing  # noqa: E402
 from train import input_pipeline  # noqa: E402
 from train import train as train_lib  # noqa: E402
 from train.configs import cifar10, default, mnist_paper  # noqa: E402
@@ -72,14 +71,10 @@ def bench_model(name, *, batch_size, min_repeats, budget_s, num_steps=10_000):
     for loss in runs:  # compile and warm up
         for _ in range(3):
             step(loss)
-    times = {loss: [] for loss in runs}
-    start, repeat = time.perf_counter(), 0
-    while repeat < min_repeats or time.perf_counter() - start < budget_s:
-        order = ("softmax", "noisy") if repeat % 2 == 0 else ("noisy", "softmax")
-        for loss in order:
-            times[loss].append(step(loss))
-        repeat += 1
-    median = {loss: statistics.median(ts) for loss, ts in times.items()}
+    times, repeat = _timing.interleaved_times(
+        {loss: lambda loss=loss: step(loss) for loss in runs},
+        min_repeats=min_repeats, budget_s=budget_s)
+    median = _timing.medians(times)
     return {
         "model": name,
         "dataset": base.dataset,
@@ -90,7 +85,7 @@ def bench_model(name, *, batch_size, min_repeats, budget_s, num_steps=10_000):
         "softmax_images_per_s": batch_size / median["softmax"],
         "noisy_images_per_s": batch_size / median["noisy"],
         "ratio": median["noisy"] / median["softmax"],
-        "paired_ratio": statistics.median(n / s for n, s in zip(times["noisy"], times["softmax"])),
+        "paired_ratio": _timing.paired_ratio(times, "noisy", "softmax"),
     }
 
 
@@ -110,9 +105,7 @@ def main(argv=None):
     budget = args.budget if args.budget is not None else (3.0 if args.quick else 20.0)
     min_repeats = args.min_repeats or (5 if args.quick else 10)
 
-    device = jax.devices()[0]
-    print(f"# {device.platform} {device.device_kind}, {jax.device_count()} device(s), "
-          f"jax {jax.__version__}")
+    print(_timing.device_line())
     print(f"{'model':>10} {'batch':>6} {'softmax img/s':>14} {'noisy img/s':>12} "
           f"{'ratio':>6} {'paired':>6} {'n':>4}")
     results = []
@@ -123,15 +116,7 @@ def main(argv=None):
         print(f"{name:>10} {row['batch_size']:>6} {row['softmax_images_per_s']:14.1f} "
               f"{row['noisy_images_per_s']:12.1f} {row['ratio']:6.3f} "
               f"{row['paired_ratio']:6.3f} {row['repeats']:4d}", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "device": f"{device.platform} {device.device_kind}",
-            "device_count": jax.device_count(),
-            "jax": jax.__version__,
-            "results": results,
-        }, indent=2))
-        print(f"# wrote {args.json}")
+    _timing.write_json(args.json, results)
     return results
 
 
