@@ -26,7 +26,6 @@ import json
 import os
 import pathlib
 import random
-import resource
 import shutil
 import signal
 import struct
@@ -74,15 +73,21 @@ def environment():
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 
-def file_size_limit(limit_bytes):
-    """preexec_fn: no file the child writes may grow past `limit_bytes` (`ulimit -f`); a write
-    beyond fails with EFBIG, as on a full disk (SIGXFSZ, which would kill it, is ignored)."""
+# Sets the limit in a small Python process that then becomes the training command (exec), so
+# the limit is never applied from a fork of this test process: a preexec_fn would run JAX's
+# at-fork handler here, whose warning is an error under this suite's settings.
+_LIMITED_EXEC = ("import os, resource, signal, sys; "
+                 "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                 "limit = int(sys.argv[1]); "
+                 "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+                 "os.execv(sys.argv[2], sys.argv[2:])")
 
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
-    return apply
+def file_size_limited(command, limit_bytes):
+    """`command`, run so that no file it writes may grow past `limit_bytes` (`ulimit -f`); a
+    write beyond fails with EFBIG, as on a full disk (SIGXFSZ, which would kill it, is ignored,
+    and an ignored signal stays ignored across exec)."""
+    return [sys.executable, "-c", _LIMITED_EXEC, str(limit_bytes), *command]
 
 
 def start(workdir, *extra, module="tests.mock_data_cli", max_file_size=None):
@@ -92,9 +97,9 @@ def start(workdir, *extra, module="tests.mock_data_cli", max_file_size=None):
     command = [sys.executable, "-m", module, "--workdir", str(workdir),
                *RUN_FLAGS, f"--config.data_dir={workdir.parent / 'no_data_here'}", *extra]
     if max_file_size:
-        return subprocess.Popen(command, cwd=REPO, env=environment(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True,
-                                preexec_fn=file_size_limit(max_file_size))
+        return subprocess.Popen(file_size_limited(command, max_file_size), cwd=REPO,
+                                env=environment(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
     with open(f"{workdir}.log", "a") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(command, cwd=REPO, env=environment(), stdout=log,
                                 stderr=subprocess.STDOUT)
