@@ -9,6 +9,7 @@ import json
 import os
 import resource
 import signal
+import subprocess
 
 import flax
 import jax
@@ -277,6 +278,22 @@ def test_remove_partial_writes_removes_unfinished_checkpoints_and_temporaries(tm
         "2.orbax-checkpoint-tmp", f"results.json.partial{os.getpid()}"]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
     assert restore(str(tmp_path))[1] == 1
+
+
+def test_remove_stale_temporaries_keeps_those_of_live_writers(tmp_path):
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    with subprocess.Popen(["sleep", "60"]) as alive:
+        try:
+            names = [f"results.json.partial{exited.pid}", f"config.json.partial{alive.pid}",
+                     f"digests.json.partial{os.getpid()}", "notes.partial", "results.json"]
+            for name in names:
+                (tmp_path / name).write_text("{")
+            removed = reliability.remove_stale_temporaries(str(tmp_path))
+        finally:
+            alive.kill()
+    assert [os.path.basename(p) for p in removed] == [f"results.json.partial{exited.pid}"]
+    assert sorted(os.listdir(tmp_path)) == sorted(names[1:])
 
 
 # ----------------------------------------------------------------------------- resume hygiene

@@ -18,6 +18,9 @@ The guards that `train.train_and_evaluate` wires into its loop:
                       file, half-written files are removed, and rerunning resumes.
   trim_metrics        On resume, drops the metrics.jsonl lines of steps after the restored
                       checkpoint (steps the resumed run executes and logs again).
+  remove_stale_temporaries
+                      At start, removes the temporary files of atomic writes whose writer
+                      was killed before it could rename them.
 """
 
 from __future__ import annotations
@@ -443,6 +446,35 @@ def remove_partial_writes(workdir: str) -> list[str]:
             with contextlib.suppress(OSError):
                 os.remove(path)
         removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(workdir: str) -> list[str]:
+    """Removes the temporary files of `atomic_write_text` whose writer is gone.
+
+    A process killed between opening its temporary file and the `os.replace` (SIGKILL, a power
+    cut) leaves `<path>.partial<pid>` beside the intact old file. Nothing reads these files, but
+    they are litter that looks like data; a starting run removes those of processes that no
+    longer exist (a live writer's file is left alone). Returns the paths removed.
+    """
+    removed = []
+    for path in sorted(glob.glob(os.path.join(workdir, f"*{_TEMPORARY_SUFFIX}[0-9]*"))):
+        pid = path.rsplit(_TEMPORARY_SUFFIX, 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            os.remove(path)
+            removed.append(path)
     return removed
 
 

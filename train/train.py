@@ -623,6 +623,10 @@ def _train_and_evaluate(config, workdir, *, devices):
     if is_writer:
         check_workdir(workdir)
         check_or_write_config(config, workdir, write=False)
+        stale = reliability.remove_stale_temporaries(workdir)
+        if stale:
+            logging.warning("Removed the temporary files of an interrupted write: %s",
+                            ", ".join(stale))
 
     # Data: the whole split in host memory; each process feeds its slice of every global batch.
     train_images, train_labels = input_pipeline.load_split(

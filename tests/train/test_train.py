@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import subprocess
 
 import jax
 import numpy as np
@@ -12,6 +13,13 @@ import tensorflow_datasets as tfds
 
 from train import input_pipeline, models, train
 from train.configs import default
+
+
+def finished_pid() -> int:
+    """The id of a process that has exited and been reaped: no process has it (for now)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 def tiny_config(tmp_path, **overrides):
@@ -141,7 +149,11 @@ def test_resume_gives_the_uninterrupted_result(finished_run, tmp_path, mock_mnis
     interrupted = tmp_path / "interrupted"
     shutil.copytree(workdir, interrupted)
     shutil.rmtree(interrupted / "checkpoints" / "6")
+    # ... by a SIGKILL in the middle of an atomic write, whose temporary file stayed behind.
+    stale = interrupted / f"results.json.partial{finished_pid()}"
+    stale.write_text('{"test_acc')
     resumed = train.train_and_evaluate(config, str(interrupted))
+    assert not stale.exists()
     assert resumed["resumed_from_step"] == 3
     assert resumed["params_sha256"] == uninterrupted["params_sha256"]
     assert resumed["test_loss"] == uninterrupted["test_loss"]
