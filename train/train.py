@@ -373,6 +373,42 @@ def params_fingerprint(params) -> str:
     return digest.hexdigest()
 
 
+TRAIN_TIME_FILE = "train_time.json"
+
+
+def record_train_time(workdir: str, step: int, seconds: float, timed_steps: int,
+                      keep_steps: Sequence[int] = ()) -> None:
+    """Records, beside the checkpoint of `step`, the training time spent to reach it.
+
+    `seconds` is the wall time of the `timed_steps` training steps logged so far over every
+    invocation of the run (a resumed run starts from the entry of its checkpoint), so that
+    `results.json` reports the whole run's time and rate, not only its last segment's.
+    """
+    path = os.path.join(workdir, TRAIN_TIME_FILE)
+    records = read_train_times(workdir)
+    keep = {str(s) for s in keep_steps} | {str(step)}
+    records = {k: v for k, v in records.items() if k in keep}
+    records[str(step)] = {"train_time_s": seconds, "timed_steps": timed_steps}
+    reliability.atomic_write_text(path, json.dumps(records, indent=1, sort_keys=True))
+
+
+def read_train_times(workdir: str) -> dict[str, dict[str, float]]:
+    """The records of `record_train_time` by step; the malformed ones are left out."""
+    try:
+        with open(os.path.join(workdir, TRAIN_TIME_FILE)) as f:
+            records = json.load(f)
+    except (OSError, ValueError):
+        return {}  # missing (an older run) or damaged: the time before the resume is unknown
+    if not isinstance(records, dict):
+        return {}
+    return {
+        step: record for step, record in records.items()
+        if isinstance(record, dict) and all(
+            isinstance(record.get(key), (int, float)) and record[key] >= 0
+            for key in ("train_time_s", "timed_steps"))
+    }
+
+
 def check_workdir(workdir: str) -> None:
     """Creates `workdir` and proves it writable, so a bad path fails before any work is done."""
     probe = os.path.join(workdir, f".write_test_{os.getpid()}")
@@ -672,10 +708,12 @@ def _train_and_evaluate(config, workdir, *, devices):
         workdir,
         ocp.args.StandardRestore,
     )
+    earlier = {"train_time_s": 0.0, "timed_steps": 0}  # of the invocations before this one
     if restored is not None:
         state = restored
         start_step = int(jax.device_get(state.step))
         logging.info("Resumed from the checkpoint at step %d", start_step)
+        earlier = read_train_times(workdir).get(str(start_step), {**earlier, "unknown": True})
     if is_writer:
         check_or_write_config(config, workdir, write=True)
 
@@ -722,6 +760,7 @@ def _train_and_evaluate(config, workdir, *, devices):
     pending: list[dict[str, jax.Array]] = []
     eval_metrics: dict[str, float] = {}
     train_time = 0.0  # wall time of the training steps (first interval includes compilation)
+    timed_steps = 0  # the steps that train_time covers (those of completed log intervals)
     interval_start, interval_steps, interval_paused = time.perf_counter(), 0, 0.0
     preemption = reliability.PreemptionGuard()
     collapse = reliability.CollapseDetector(
@@ -735,11 +774,18 @@ def _train_and_evaluate(config, workdir, *, devices):
                 jax.device_get(pending), done - len(pending), checkpoints.latest_step()
             )
 
+    def record_time(done):
+        if is_writer:
+            record_train_time(workdir, done, earlier["train_time_s"] + train_time,
+                              earlier["timed_steps"] + timed_steps,
+                              keep_steps=checkpoints.all_steps())
+
     def save_checkpoint(done, **kwargs):
         check_finite(done)  # never checkpoint a diverged state
         # The digest is written before the (async) save, so every checkpoint has one.
         if is_writer:
             reliability.record_digest(workdir, done, state, keep_steps=checkpoints.all_steps())
+        record_time(done)
         with checkpoint_writes():
             checkpoints.save(done, args=ocp.args.StandardSave(state), **kwargs)
 
@@ -760,6 +806,7 @@ def _train_and_evaluate(config, workdir, *, devices):
                     collapse.update(done, len(pending), means)
                 elapsed = time.perf_counter() - interval_start - interval_paused
                 train_time += elapsed
+                timed_steps += interval_steps
                 means["images_per_sec"] = interval_steps * config.batch_size / elapsed
                 writer.write(done, "train", means)
                 progress.set_postfix(
@@ -799,6 +846,7 @@ def _train_and_evaluate(config, workdir, *, devices):
         try:
             interrupted_at = int(jax.device_get(state.step))
             if checkpoints.latest_step() != interrupted_at:
+                record_time(interrupted_at)
                 checkpoints.save(interrupted_at, args=ocp.args.StandardSave(state), force=True)
             progress.write(
                 f"Interrupted: checkpoint at step {interrupted_at}; rerun the same command "
@@ -815,7 +863,11 @@ def _train_and_evaluate(config, workdir, *, devices):
 
     if not eval_metrics:  # nothing left to train: the run had finished; evaluate again
         eval_metrics = evaluate(num_steps)
-    images_trained = (num_steps - start_step) * config.batch_size
+    # The whole run's training time and rate, over every invocation that trained it (a rerun
+    # of a finished run reports the time it took; "train_time_complete" is false when a resumed
+    # checkpoint had no recorded time, as with runs from before this record existed).
+    total_time = earlier["train_time_s"] + train_time
+    total_timed_steps = earlier["timed_steps"] + timed_steps
     results = {
         "dataset": config.dataset,
         "model": config.model,
@@ -830,8 +882,9 @@ def _train_and_evaluate(config, workdir, *, devices):
         "test_accuracy": eval_metrics["test_accuracy"],
         "test_error": 1.0 - eval_metrics["test_accuracy"],
         "test_loss": eval_metrics["test_loss"],
-        "train_time_s": train_time,
-        "images_per_sec": images_trained / train_time if train_time else None,
+        "train_time_s": total_time,
+        "train_time_complete": not earlier.get("unknown", False),
+        "images_per_sec": total_timed_steps * config.batch_size / total_time if total_time else None,
         "num_devices": len(devices),
         "params_sha256": params_fingerprint(state.params),
     }

@@ -141,6 +141,13 @@ def test_short_train_and_evaluate_writes_its_outputs(finished_run):
     assert any(r["kind"] == "eval" and "test_accuracy" in r for r in records)
     assert os.listdir(workdir / "tensorboard")
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+    # The training time beside each checkpoint: at step 3 that of the interval logged at 2.
+    times = train.read_train_times(str(workdir))
+    assert sorted(times) == ["3", "6"]
+    assert times["3"]["timed_steps"] == 2 and times["6"]["timed_steps"] == 6
+    assert 0 < times["3"]["train_time_s"] < times["6"]["train_time_s"] == results["train_time_s"]
+    assert results["images_per_sec"] == pytest.approx(6 * 16 / results["train_time_s"])
+    assert results["train_time_complete"]
 
 
 def test_resume_gives_the_uninterrupted_result(finished_run, tmp_path, mock_mnist):
@@ -157,6 +164,31 @@ def test_resume_gives_the_uninterrupted_result(finished_run, tmp_path, mock_mnis
     assert resumed["resumed_from_step"] == 3
     assert resumed["params_sha256"] == uninterrupted["params_sha256"]
     assert resumed["test_loss"] == uninterrupted["test_loss"]
+
+
+def test_a_resumed_run_reports_the_training_time_of_all_its_invocations(
+        finished_run, tmp_path, mock_mnist):
+    config, workdir, uninterrupted = finished_run
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(workdir, interrupted)
+    shutil.rmtree(interrupted / "checkpoints" / "6")
+    before = train.read_train_times(str(interrupted))["3"]
+    resumed = train.train_and_evaluate(config, str(interrupted))
+    # Steps 4-6 ran in two log intervals (4, then 5-6): 3 timed steps added to the 2 before.
+    assert resumed["train_time_s"] > before["train_time_s"]
+    assert train.read_train_times(str(interrupted))["6"]["timed_steps"] == 2 + 3
+    assert resumed["images_per_sec"] == pytest.approx(5 * 16 / resumed["train_time_s"])
+    assert resumed["train_time_complete"]
+    # A rerun of the finished run trains nothing and reports the time the run took.
+    again = train.train_and_evaluate(config, str(interrupted))
+    assert again["resumed_from_step"] == 6
+    assert again["train_time_s"] == resumed["train_time_s"]
+    assert again["images_per_sec"] == resumed["images_per_sec"]
+    # A checkpoint without a recorded time (a run from before the record): said so.
+    os.remove(interrupted / train.TRAIN_TIME_FILE)
+    unknown = train.train_and_evaluate(config, str(interrupted))
+    assert not unknown["train_time_complete"]
+    assert unknown["params_sha256"] == uninterrupted["params_sha256"]
 
 
 def test_resume_refuses_a_different_config(tmp_path):
