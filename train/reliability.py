@@ -130,13 +130,28 @@ def state_digest(state) -> str:
     return digest.hexdigest()
 
 
-def _read_digests(workdir: str) -> dict[str, str]:
+def read_step_records(path: str) -> dict[str, Any]:
+    """The per-checkpoint records in the JSON file `path`, by step (as a string)."""
     try:
-        with open(os.path.join(workdir, DIGESTS_FILE)) as f:
-            digests = json.load(f)
-        return digests if isinstance(digests, dict) else {}
+        with open(path) as f:
+            records = json.load(f)
+        return records if isinstance(records, dict) else {}
     except (OSError, ValueError):
-        return {}  # missing or itself damaged: checkpoints then count as unverified
+        return {}  # missing or itself damaged
+
+
+def record_step(path: str, step: int, value: Any, keep_steps: Iterable[int] = ()) -> None:
+    """Records `value` for the checkpoint of `step` in the JSON file `path`, atomically,
+    dropping the records of steps no longer in `keep_steps` (the checkpoints kept)."""
+    keep = {str(s) for s in keep_steps} | {str(step)}
+    records = {k: v for k, v in read_step_records(path).items() if k in keep}
+    records[str(step)] = value
+    atomic_write_text(path, json.dumps(records, indent=1, sort_keys=True))
+
+
+def _read_digests(workdir: str) -> dict[str, str]:
+    # Missing or damaged: the checkpoints then count as unverified.
+    return read_step_records(os.path.join(workdir, DIGESTS_FILE))
 
 
 def record_digest(workdir: str, step: int, state, keep_steps: Iterable[int] = ()) -> None:
@@ -145,12 +160,7 @@ def record_digest(workdir: str, step: int, state, keep_steps: Iterable[int] = ()
     Written first, so whenever a checkpoint exists its digest does too; an entry for a step
     whose save never finished is harmless and dropped once the step is no longer kept.
     """
-    digests = _read_digests(workdir)
-    keep = {str(s) for s in keep_steps} | {str(step)}
-    digests = {k: v for k, v in digests.items() if k in keep}
-    digests[str(step)] = state_digest(state)
-    atomic_write_text(os.path.join(workdir, DIGESTS_FILE),
-                      json.dumps(digests, indent=1, sort_keys=True))
+    record_step(os.path.join(workdir, DIGESTS_FILE), step, state_digest(state), keep_steps)
 
 
 def _one_line(error: BaseException) -> str:
@@ -433,13 +443,21 @@ def atomic_write_text(path: str, text: str) -> None:
         raise
 
 
+def _temporary_files(workdir: str) -> dict[str, int | None]:
+    """The temporary files of `atomic_write_text` in `workdir`, with their writer's pid."""
+    files = {}
+    for path in glob.glob(os.path.join(workdir, f"*{_TEMPORARY_SUFFIX}[0-9]*")):
+        pid = path.rsplit(_TEMPORARY_SUFFIX, 1)[1]
+        files[path] = int(pid) if pid.isdigit() else None
+    return files
+
+
 def remove_partial_writes(workdir: str) -> list[str]:
     """Removes what failed writes leave in `workdir`: unfinished Orbax checkpoint directories
     and the temporary files of `atomic_write_text`. Returns the paths removed."""
     removed = []
-    patterns = [os.path.join(workdir, "checkpoints", f"*{_ORBAX_TEMPORARY}*"),
-                os.path.join(workdir, f"*{_TEMPORARY_SUFFIX}[0-9]*")]
-    for path in sorted({p for pattern in patterns for p in glob.glob(pattern)}):
+    unfinished = glob.glob(os.path.join(workdir, "checkpoints", f"*{_ORBAX_TEMPORARY}*"))
+    for path in sorted(set(unfinished) | set(_temporary_files(workdir))):
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -468,9 +486,8 @@ def remove_stale_temporaries(workdir: str) -> list[str]:
     longer exist (a live writer's file is left alone). Returns the paths removed.
     """
     removed = []
-    for path in sorted(glob.glob(os.path.join(workdir, f"*{_TEMPORARY_SUFFIX}[0-9]*"))):
-        pid = path.rsplit(_TEMPORARY_SUFFIX, 1)[1]
-        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+    for path, pid in sorted(_temporary_files(workdir).items()):
+        if pid is None or pid == os.getpid() or _process_alive(pid):
             continue
         with contextlib.suppress(OSError):
             os.remove(path)

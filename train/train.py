@@ -384,23 +384,14 @@ def record_train_time(workdir: str, step: int, seconds: float, timed_steps: int,
     invocation of the run (a resumed run starts from the entry of its checkpoint), so that
     `results.json` reports the whole run's time and rate, not only its last segment's.
     """
-    path = os.path.join(workdir, TRAIN_TIME_FILE)
-    records = read_train_times(workdir)
-    keep = {str(s) for s in keep_steps} | {str(step)}
-    records = {k: v for k, v in records.items() if k in keep}
-    records[str(step)] = {"train_time_s": seconds, "timed_steps": timed_steps}
-    reliability.atomic_write_text(path, json.dumps(records, indent=1, sort_keys=True))
+    reliability.record_step(os.path.join(workdir, TRAIN_TIME_FILE), step,
+                            {"train_time_s": seconds, "timed_steps": timed_steps}, keep_steps)
 
 
 def read_train_times(workdir: str) -> dict[str, dict[str, float]]:
-    """The records of `record_train_time` by step; the malformed ones are left out."""
-    try:
-        with open(os.path.join(workdir, TRAIN_TIME_FILE)) as f:
-            records = json.load(f)
-    except (OSError, ValueError):
-        return {}  # missing (an older run) or damaged: the time before the resume is unknown
-    if not isinstance(records, dict):
-        return {}
+    """The records of `record_train_time` by step; the malformed ones are left out (a missing
+    file, as in runs from before this record, gives none)."""
+    records = reliability.read_step_records(os.path.join(workdir, TRAIN_TIME_FILE))
     return {
         step: record for step, record in records.items()
         if isinstance(record, dict) and all(
@@ -708,12 +699,14 @@ def _train_and_evaluate(config, workdir, *, devices):
         workdir,
         ocp.args.StandardRestore,
     )
-    earlier = {"train_time_s": 0.0, "timed_steps": 0}  # of the invocations before this one
     if restored is not None:
         state = restored
         start_step = int(jax.device_get(state.step))
         logging.info("Resumed from the checkpoint at step %d", start_step)
-        earlier = read_train_times(workdir).get(str(start_step), {**earlier, "unknown": True})
+    # The training time of the invocations before this one, if recorded at its checkpoint.
+    earlier_times = read_train_times(workdir) if restored is not None else {}
+    train_time_complete = restored is None or str(start_step) in earlier_times
+    earlier = earlier_times.get(str(start_step), {"train_time_s": 0.0, "timed_steps": 0})
     if is_writer:
         check_or_write_config(config, workdir, write=True)
 
@@ -883,7 +876,7 @@ def _train_and_evaluate(config, workdir, *, devices):
         "test_error": 1.0 - eval_metrics["test_accuracy"],
         "test_loss": eval_metrics["test_loss"],
         "train_time_s": total_time,
-        "train_time_complete": not earlier.get("unknown", False),
+        "train_time_complete": train_time_complete,
         "images_per_sec": total_timed_steps * config.batch_size / total_time if total_time else None,
         "num_devices": len(devices),
         "params_sha256": params_fingerprint(state.params),
