@@ -2,14 +2,18 @@
 non-finite losses and collapse. The end-to-end kills of `python -m train` are in
 tests/test_preemption.py."""
 
+import asyncio
 import contextlib
 import errno
+import gc
 import glob
 import json
+import logging as std_logging
 import os
 import resource
 import signal
 import subprocess
+import sys
 
 import flax
 import jax
@@ -294,6 +298,32 @@ def test_remove_stale_temporaries_keeps_those_of_live_writers(tmp_path):
             alive.kill()
     assert [os.path.basename(p) for p in removed] == [f"results.json.partial{exited.pid}"]
     assert sorted(os.listdir(tmp_path)) == sorted(names[1:])
+
+
+def test_unretrieved_disk_full_futures_are_not_logged_other_errors_are(monkeypatch, caplog):
+    """asyncio logs a garbage-collected future whose exception nobody retrieved; for the
+    writes of a save that failed for lack of space, that is an echo of the one-line error."""
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored afterwards
+    asyncio_logger = std_logging.getLogger("asyncio")
+    filters = list(asyncio_logger.filters)
+    reliability.quiet_disk_full_tracebacks()
+
+    def abandon(exception):
+        loop = asyncio.new_event_loop()
+        loop.create_future().set_exception(exception)  # dropped at once: never retrieved
+        loop.close()
+        gc.collect()
+
+    try:
+        with caplog.at_level(std_logging.ERROR, logger="asyncio"):
+            abandon(ValueError("RESOURCE_EXHAUSTED: Error writing \"params\" in OCDBT database: "
+                               "Failed to write 1303728 bytes to file 15: No space left on "
+                               "device [os_error_code='28']"))
+            assert not caplog.records
+            abandon(ValueError("something else went wrong"))
+            assert [r.exc_info[1].args[0] for r in caplog.records] == ["something else went wrong"]
+    finally:
+        asyncio_logger.filters[:] = filters
 
 
 # ----------------------------------------------------------------------------- resume hygiene

@@ -506,6 +506,16 @@ class _StripDiskFullTracebacks(std_logging.Filter):
         return True
 
 
+class _DropUnretrievedDiskFull(std_logging.Filter):
+    """When one write of an Orbax save fails for lack of space, asyncio logs each future of
+    that save whose exception nobody retrieved, with a traceback, whenever it is garbage
+    collected (at exit, that can be after the one-line error). The failure is reported once,
+    by the save itself; these echoes are dropped, any other asyncio error is kept."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not (record.exc_info and disk_full_cause(record.exc_info[1]) is not None)
+
+
 def _closed_loop_unraisable(previous_hook):
     def hook(unraisable):
         # When one write of an Orbax save fails, Orbax stops waiting and closes its event loop;
@@ -523,10 +533,12 @@ def _closed_loop_unraisable(previous_hook):
 
 def quiet_disk_full_tracebacks() -> None:
     """Keeps Orbax's log lines about a failed write for lack of space, without tracebacks, and
-    drops the echoes of a failed save (see `_closed_loop_unraisable`). For the command line."""
-    absl_logger = logging.get_absl_logger()
-    if not any(isinstance(f, _StripDiskFullTracebacks) for f in absl_logger.filters):
-        absl_logger.addFilter(_StripDiskFullTracebacks())
+    drops the echoes of a failed save (see `_DropUnretrievedDiskFull` and
+    `_closed_loop_unraisable`). For the command line."""
+    for logger, kind in ((logging.get_absl_logger(), _StripDiskFullTracebacks),
+                         (std_logging.getLogger("asyncio"), _DropUnretrievedDiskFull)):
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
     if not getattr(sys.unraisablehook, "closed_loop_filter", False):
         sys.unraisablehook = _closed_loop_unraisable(sys.unraisablehook)
 
