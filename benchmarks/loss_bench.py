@@ -26,7 +26,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,7 +43,8 @@ def make_inputs(batch, num_classes, dtype, seed=0):
     logits = 3.0 * jax.random.normal(k_logits, (batch, num_classes), jnp.float32)
     labels = jax.random.randint(k_labels, (batch,), 0, num_classes)
     # Any amplitude >= |f_y| is a valid ||W_y|| ||x||; this one keeps cos(theta_y) in [-1, 1].
-    amplitude = jnp.abs(logits).max(axis=-1) * jax.random.uniform(k_norms, (batch,), minval=1, maxval=2)
+    amplitude = jnp.abs(logits).max(axis=-1) * jax.random.uniform(
+        k_norms, (batch,), minval=1, maxval=2)
     return logits.astype(dtype), labels, amplitude
 
 

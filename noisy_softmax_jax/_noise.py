@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 # Threefry-2x32 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011):
 # 20 rounds in 5 groups of 4, rotation constants alternating between the two rows below,
 # a key injection after each group.
@@ -39,7 +38,8 @@ def _threefry2x32(key, x0, x1):
 def _is_threefry_key(rng) -> bool:
     if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
         return str(jax.random.key_impl(rng)) == "threefry2x32"
-    return jax.config.jax_default_prng_impl == "threefry2x32"  # a legacy uint32[2] key
+    # A legacy uint32[2] key. (jax.config's flags are attributes that type checkers cannot see.)
+    return jax.config.jax_default_prng_impl == "threefry2x32"  # type: ignore[attr-defined]
 
 
 def standard_normal(rng, shape, dtype):
@@ -55,8 +55,9 @@ def standard_normal(rng, shape, dtype):
     ``tests/test_noise_draw.py`` pins the equality.
     """
     size = math.prod(shape)
+    partitionable = jax.config.jax_threefry_partitionable  # type: ignore[attr-defined]
     if not (dtype == jnp.float32 and size < 2**32 and jax.default_backend() == "cpu"
-            and jax.config.jax_threefry_partitionable and _is_threefry_key(rng)):
+            and partitionable and _is_threefry_key(rng)):
         return jax.random.normal(rng, shape, dtype=dtype)
     key = jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
     # The counter of element i (row-major) is the 64-bit integer i, as (high, low) words;

@@ -149,11 +149,13 @@ def check_rng(rng) -> jax.Array:
     elif rng.dtype == jnp.uint32:
         if rng.shape != (2,):
             raise ValueError(
-                f"`rng` as a legacy key must have shape (2,) and dtype uint32; got shape {rng.shape}."
+                "`rng` as a legacy key must have shape (2,) and dtype uint32; got shape "
+                f"{rng.shape}."
             )
     else:
         raise TypeError(
             "`rng` must be a JAX PRNG key (jax.random.key(seed) or a legacy "
             f"jax.random.PRNGKey(seed)); got an array of dtype {rng.dtype}."
         )
-    return rng
+    # A legacy key may come as a NumPy array; jax.random would convert it all the same.
+    return rng if isinstance(rng, jax.Array) else jnp.asarray(rng)

@@ -7,7 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from noisy_softmax_jax import _validation, loss as loss_lib
+from noisy_softmax_jax import _validation
+from noisy_softmax_jax import loss as loss_lib
 
 __all__ = ["saturation_metrics"]
 

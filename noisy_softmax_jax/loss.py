@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
-from noisy_softmax_jax import _noise
-from noisy_softmax_jax import _validation
+from noisy_softmax_jax import _noise, _validation
 from noisy_softmax_jax._validation import NOISE_VARIANTS
 
 __all__ = [

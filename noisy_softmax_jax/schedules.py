@@ -33,6 +33,6 @@ def alpha_schedule(alpha: float | optax.Schedule) -> optax.Schedule:
         return alpha
     if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
         raise TypeError(f"`alpha` must be a number or a schedule (a callable); got {alpha!r}.")
-    if not alpha >= 0:
+    if not float(alpha) >= 0:
         raise ValueError(f"`alpha` must be >= 0; got alpha = {alpha}.")
     return optax.constant_schedule(float(alpha))

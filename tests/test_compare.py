@@ -30,6 +30,7 @@ def test_every_configuration_is_a_valid_config(name):
 def test_stop_norm_gradient_leaves_only_the_gradient_through_the_logits():
     import jax
     import jax.numpy as jnp
+
     from noisy_softmax_jax import HeadOutput
 
     config = compare.run_config(compare.Run("mnist", "noisy_a1.0_nonormgrad", 0))

@@ -24,7 +24,6 @@ import pytest
 
 from train import reliability
 
-
 # ------------------------------------------------------------------------------------ SIGTERM
 
 
@@ -55,14 +54,15 @@ class State:
 
 
 def make_state(step):
-    params = {"w": jnp.arange(64.0).reshape(8, 8) * (step + 1), "b": jnp.full((8,), step, jnp.float32)}
+    params = {"w": jnp.arange(64.0).reshape(8, 8) * (step + 1),
+              "b": jnp.full((8,), step, jnp.float32)}
     return State(step=jnp.asarray(step, jnp.int32), params=params,
                  key_data=jax.random.key_data(jax.random.key(step)))
 
 
 def save_run(workdir, steps=(1, 2, 3)):
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                                    options=ocp.CheckpointManagerOptions(max_to_keep=5, create=True))
+    options = ocp.CheckpointManagerOptions(max_to_keep=5, create=True)
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
     for step in steps:
         state = make_state(step)
         reliability.record_digest(workdir, step, state, keep_steps=manager.all_steps())
@@ -72,8 +72,8 @@ def save_run(workdir, steps=(1, 2, 3)):
 
 
 def restore(workdir):
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                                    options=ocp.CheckpointManagerOptions(max_to_keep=5, create=True))
+    options = ocp.CheckpointManagerOptions(max_to_keep=5, create=True)
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, make_state(0))
     try:
         return reliability.restore_latest_good(manager, abstract, workdir, ocp.args.StandardRestore)
@@ -263,7 +263,8 @@ def test_a_failed_metrics_write_leaves_only_whole_lines(tmp_path):
     writer = train.MetricWriter(str(tmp_path), enabled=True)
     writer.write(1, "train", {"loss": 1.0})
     size = (tmp_path / "metrics.jsonl").stat().st_size
-    with file_size_limit(size + 40), pytest.raises(reliability.DiskFullError, match="metrics.jsonl"):
+    with (file_size_limit(size + 40),
+          pytest.raises(reliability.DiskFullError, match="metrics.jsonl")):
         writer.write(2, "train", {"loss": 0.5, "accuracy": 0.25, "learning_rate": 0.1})
     writer.write(3, "train", {"loss": 0.25})  # space again
     writer.close()

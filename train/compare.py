@@ -253,7 +253,7 @@ def train_runs(runs: Sequence[Run], results: str, data_dir: str | None = None) -
         wall = time.time() - start
         info = {
             "wall_time_s": wall,
-            "finished_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            "finished_utc": datetime.datetime.now(datetime.UTC).isoformat(
                 timespec="seconds"
             ),
             "stop_norm_gradient": run.name in STOP_NORM_GRADIENT,
@@ -484,7 +484,7 @@ def _curves(rows: list[dict], dataset: str, name: str):
 
 
 def plot_saturation(rows: list[dict], dataset: str, path: str) -> bool:
-    """Saturation diagnostics and error vs step, softmax vs noisy softmax; mean and range of seeds."""
+    """Saturation diagnostics and error vs step, softmax vs noisy softmax; seeds' mean and range."""
     import matplotlib  # pylint: disable=g-import-not-at-top
 
     matplotlib.use("Agg")

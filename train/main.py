@@ -11,9 +11,7 @@ import json
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -58,8 +56,10 @@ def main(argv):
 
     if FLAGS.distributed:
         jax.distributed.initialize()
-    from train import prepare_data  # pylint: disable=g-import-not-at-top
-    from train import train  # pylint: disable=g-import-not-at-top
+    from train import (
+        prepare_data,  # pylint: disable=g-import-not-at-top
+        train,  # pylint: disable=g-import-not-at-top
+    )
 
     logging.info(
         "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()

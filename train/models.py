@@ -19,7 +19,7 @@ from noisy_softmax_jax import NoisySoftmaxHead
 
 
 class SmallCNN(nn.Module):
-    """Two 3x3 conv blocks (with max-pooling) and a feature layer; ~99% on MNIST in minutes on CPU."""
+    """Two 3x3 conv blocks (max-pooled) and a feature layer; ~99% on MNIST in minutes on CPU."""
 
     num_classes: int
     widths: Sequence[int] = (32, 64)

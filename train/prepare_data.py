@@ -88,7 +88,7 @@ def mnist_csv_dir() -> pathlib.Path | None:
 def read_mnist_csv(
     path: os.PathLike | str, max_examples: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Reads a `label,784 pixels` CSV (with a header row) into uint8 images [N,28,28,1], labels [N]."""
+    """Reads a `label,784 pixels` CSV (header row first): uint8 images [N,28,28,1], labels [N]."""
     rows = np.loadtxt(
         path, delimiter=",", skiprows=1, dtype=np.uint8, max_rows=max_examples, ndmin=2
     )
@@ -130,8 +130,7 @@ def read_cifar_binary(
         raise ValueError(f"{path}: size {data.size} is not a multiple of the record size {record}")
     data = data.reshape(-1, record)
     images = data[:, num_label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    for labels, image in zip(data[:, :num_label_bytes], images):
-        yield labels, image
+    yield from zip(data[:, :num_label_bytes], images)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -149,8 +148,10 @@ def encode_png(image: np.ndarray) -> bytes:
 def _builder_classes():
     """Defines the builder subclasses (deferred so that importing this module stays cheap)."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from tensorflow_datasets.image_classification import cifar  # pylint: disable=g-import-not-at-top
-    from tensorflow_datasets.image_classification import mnist  # pylint: disable=g-import-not-at-top
+    from tensorflow_datasets.image_classification import (
+        cifar,  # pylint: disable=g-import-not-at-top
+        mnist,  # pylint: disable=g-import-not-at-top
+    )
 
     def examples(images, labels):
         for index, (image, label) in enumerate(zip(images, labels)):
@@ -257,7 +258,7 @@ def prepare(
         raise
     except Exception as error:  # pylint: disable=broad-except
         if dataset.startswith("cifar"):
-            # Offline, the download fails somewhere deep in TFDS; the user needs the way out instead.
+            # Offline, the download fails somewhere deep in TFDS; the user needs the way out.
             raise DataUnavailableError(
                 f"Could not download {dataset} ({type(error).__name__}: {error}).\n"
                 + how_to_obtain(dataset, data_dir)
@@ -283,8 +284,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app  # pylint: disable=g-import-not-at-top
-    from absl import flags  # pylint: disable=g-import-not-at-top
+    from absl import (
+        app,  # pylint: disable=g-import-not-at-top
+        flags,  # pylint: disable=g-import-not-at-top
+    )
 
     flags.DEFINE_enum("dataset", "mnist", DATASETS, "Dataset to prepare.")
     flags.DEFINE_string("data_dir", DEFAULT_DATA_DIR, "TFDS data folder to write to.")

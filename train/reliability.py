@@ -42,10 +42,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what shells report for a job ended by SIGTERM
 DIGESTS_FILE = "checkpoint_digests.json"
@@ -209,7 +209,8 @@ def restore_latest_good(manager, abstract_state, workdir: str, restore_args_fn):
                 f"to {moved_to}; falling back to the previous checkpoint.", flush=True)
             continue
         if damaged:
-            message = f"Resuming from step {step}: the newer checkpoint(s) {', '.join(damaged)} were damaged."
+            message = (f"Resuming from step {step}: the newer checkpoint(s) {', '.join(damaged)} "
+                       "were damaged.")
             logging.warning(message)
             print(f"warning: {message}", flush=True)
         return state, step

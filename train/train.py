@@ -28,9 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from absl import logging
 import flax.linen as nn
-from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -38,12 +36,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
+from absl import logging
+from flax.training import train_state
 
 import noisy_softmax_jax
 from noisy_softmax_jax import NOISE_VARIANTS
-from train import input_pipeline
-from train import models
-from train import reliability
+from train import input_pipeline, models, reliability
 from train.configs import default as default_config
 
 LOSSES = ("softmax", "noisy", "label_smoothing")
@@ -479,8 +477,8 @@ class TensorBoardEvents:
     """
 
     def __init__(self, logdir: str, purge_step: int | None = None):
-        from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
         from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+        from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
 
         self._event_pb2, self._summary = event_pb2, summary
         os.makedirs(logdir, exist_ok=True)
@@ -636,7 +634,8 @@ def train_and_evaluate(
         return _train_and_evaluate(config, workdir, devices=devices)
     except reliability.DiskFullError:
         if jax.process_index() == 0:
-            removed = reliability.remove_partial_writes(os.path.abspath(os.path.expanduser(workdir)))
+            removed = reliability.remove_partial_writes(
+                os.path.abspath(os.path.expanduser(workdir)))
             if removed:
                 logging.warning("Disk full: removed the half-written %s", ", ".join(removed))
         raise
@@ -877,7 +876,8 @@ def _train_and_evaluate(config, workdir, *, devices):
         "test_loss": eval_metrics["test_loss"],
         "train_time_s": total_time,
         "train_time_complete": train_time_complete,
-        "images_per_sec": total_timed_steps * config.batch_size / total_time if total_time else None,
+        "images_per_sec": (total_timed_steps * config.batch_size / total_time
+                           if total_time else None),
         "num_devices": len(devices),
         "params_sha256": params_fingerprint(state.params),
     }
