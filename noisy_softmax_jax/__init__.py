@@ -1,8 +1,8 @@
 """Noisy Softmax (Chen, Deng & Du, CVPR 2017) for JAX: the loss, a Flax head, diagnostics."""
 
-from noisy_softmax_jax.amplitude import safe_norm, target_amplitude
+from noisy_softmax_jax.amplitude import KERNEL_LAYOUTS, safe_norm, target_amplitude
 from noisy_softmax_jax.diagnostics import saturation_metrics
-from noisy_softmax_jax.head import HeadOutput, NoisySoftmaxHead
+from noisy_softmax_jax.head import HeadOutput, NoisySoftmaxHead, head_output
 from noisy_softmax_jax.loss import (
     NOISE_VARIANTS,
     checked_noisy_softmax_cross_entropy,
@@ -14,11 +14,13 @@ from noisy_softmax_jax.schedules import alpha_schedule
 __version__ = "0.1.0"
 
 __all__ = [
+    "KERNEL_LAYOUTS",
     "NOISE_VARIANTS",
     "HeadOutput",
     "NoisySoftmaxHead",
     "alpha_schedule",
     "checked_noisy_softmax_cross_entropy",
+    "head_output",
     "noisy_softmax_cross_entropy",
     "noisy_target_logit",
     "safe_norm",

@@ -1,4 +1,10 @@
-"""A Flax Linen classifier head that owns the class weights the noisy softmax needs."""
+"""Classifier heads that own the class weights the noisy softmax needs.
+
+:class:`NoisySoftmaxHead` is the Flax Linen module; the Flax NNX one is
+:class:`noisy_softmax_jax.nnx.NoisySoftmaxHead`. Both return a
+:class:`HeadOutput`, as does :func:`head_output` for weights held anywhere else
+(Equinox, PyTorch-converted, plain JAX).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +15,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from noisy_softmax_jax.amplitude import safe_norm
+from noisy_softmax_jax.amplitude import KernelLayout, checked_kernel, safe_norm
 
-__all__ = ["HeadOutput", "NoisySoftmaxHead"]
+__all__ = ["HeadOutput", "NoisySoftmaxHead", "head_output"]
 
 
 class HeadOutput(NamedTuple):
-    """What :class:`NoisySoftmaxHead` returns: the logits and the norms behind them.
+    """What the heads return: the logits and the norms behind them.
 
     Attributes:
       logits: Clean logits :math:`f_j = W_j^\\top x`, shape ``[..., num_classes]``;
@@ -33,13 +39,68 @@ class HeadOutput(NamedTuple):
         return self.feature_norm * self.class_norm[jnp.asarray(labels)]
 
 
+def head_output(
+    features: jax.typing.ArrayLike,
+    kernel: jax.typing.ArrayLike,
+    bias: jax.typing.ArrayLike | None = None,
+    *,
+    kernel_layout: KernelLayout = "features_classes",
+    dtype: Any = None,
+) -> HeadOutput:
+    r"""Applies a linear classifier and returns its logits with the norms the loss needs.
+
+    .. math::
+      f_j = W_j^\top x \; (+\, b_j), \qquad \|x\|, \qquad \|W_j\|
+
+    For class weights held outside Flax: an ``eqx.nn.Linear``, weights
+    converted from PyTorch, InsightFace-style class centres. The norms are
+    computed in at least float32 from ``features`` and ``kernel`` as given;
+    the logits in ``dtype`` (default: the promoted dtype of the inputs).
+
+    Args:
+      features: The classifier's input, shape ``[..., num_features]``.
+      kernel: Class weights, ``[num_features, num_classes]`` (default, Flax)
+        or ``[num_classes, num_features]`` (Equinox, PyTorch), as
+        ``kernel_layout`` says. A kernel in the other layout is reported,
+        unless it is square; see :func:`noisy_softmax_jax.target_amplitude`.
+      bias: Optional bias, shape ``[num_classes]`` (not in the paper).
+      kernel_layout: ``"features_classes"`` (default) or ``"classes_features"``.
+      dtype: Computation dtype of the logits.
+
+    Returns:
+      A :class:`HeadOutput`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from noisy_softmax_jax import head_output
+      >>> weight = jax.random.normal(jax.random.key(0), (10, 32))  # PyTorch/Equinox: [out, in]
+      >>> features = jnp.ones((4, 32))
+      >>> out = head_output(features, weight, kernel_layout="classes_features")
+      >>> out.logits.shape, out.amplitude(jnp.array([0, 1, 2, 3])).shape
+      ((4, 10), (4,))
+    """
+    features, kernel, class_axis = checked_kernel(features, kernel, kernel_layout)
+    if bias is not None:
+        bias = jnp.asarray(bias)
+    x, kernel_c, bias_c = nn.dtypes.promote_dtype(features, kernel, bias, dtype=dtype)
+    logits = x @ kernel_c if class_axis == 1 else x @ kernel_c.T
+    if bias_c is not None:
+        logits = logits + bias_c
+    return HeadOutput(
+        logits=logits,
+        feature_norm=safe_norm(features, axis=-1),
+        class_norm=safe_norm(kernel, axis=1 - class_axis),
+    )
+
+
 class NoisySoftmaxHead(nn.Module):
-    """A linear classifier head for the noisy softmax, bias-free by default.
+    """A Flax Linen linear classifier head for the noisy softmax, bias-free by default.
 
     Use it in place of the model's last ``nn.Dense(num_classes)``. It returns a
     :class:`HeadOutput` so the loss gets the amplitude it needs without the
     model exposing its features. The parameter is named ``kernel`` with
-    ``Dense``'s layout ``[num_features, num_classes]``.
+    ``Dense``'s layout ``[num_features, num_classes]``. For Flax NNX use
+    :class:`noisy_softmax_jax.nnx.NoisySoftmaxHead`.
 
     The paper drops the classifier bias: with one, :math:`f_y` is no longer
     :math:`\\|W_y\\|\\|x\\|\\cos\\theta_y` and the annealing factor loses its
@@ -81,12 +142,4 @@ class NoisySoftmaxHead(nn.Module):
             "kernel", self.kernel_init, (features.shape[-1], self.num_classes), self.param_dtype)
         bias = (self.param("bias", self.bias_init, (self.num_classes,), self.param_dtype)
                 if self.use_bias else None)
-        x, kernel_c, bias = nn.dtypes.promote_dtype(features, kernel, bias, dtype=self.dtype)
-        logits = x @ kernel_c
-        if bias is not None:
-            logits = logits + bias
-        return HeadOutput(
-            logits=logits,
-            feature_norm=safe_norm(features, axis=-1),
-            class_norm=safe_norm(kernel, axis=0),
-        )
+        return head_output(features, kernel, bias, dtype=self.dtype)
