@@ -33,7 +33,6 @@ def wheel(tmp_path_factory):
     return path
 
 
-@pytest.mark.slow
 def test_wheel_installs_the_library_only_typed_and_licensed(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     version = noisy_softmax_jax.__version__
