@@ -56,10 +56,7 @@ def main(argv):
 
     if FLAGS.distributed:
         jax.distributed.initialize()
-    from train import (
-        prepare_data,  # pylint: disable=g-import-not-at-top
-        train,  # pylint: disable=g-import-not-at-top
-    )
+    from train import prepare_data, train  # pylint: disable=g-import-not-at-top
 
     logging.info(
         "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()

@@ -148,9 +148,9 @@ def encode_png(image: np.ndarray) -> bytes:
 def _builder_classes():
     """Defines the builder subclasses (deferred so that importing this module stays cheap)."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from tensorflow_datasets.image_classification import (
-        cifar,  # pylint: disable=g-import-not-at-top
-        mnist,  # pylint: disable=g-import-not-at-top
+    from tensorflow_datasets.image_classification import (  # pylint: disable=g-import-not-at-top
+        cifar,
+        mnist,
     )
 
     def examples(images, labels):
@@ -284,10 +284,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import (
-        app,  # pylint: disable=g-import-not-at-top
-        flags,  # pylint: disable=g-import-not-at-top
-    )
+    from absl import app, flags  # pylint: disable=g-import-not-at-top
 
     flags.DEFINE_enum("dataset", "mnist", DATASETS, "Dataset to prepare.")
     flags.DEFINE_string("data_dir", DEFAULT_DATA_DIR, "TFDS data folder to write to.")
