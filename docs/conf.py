@@ -24,9 +24,9 @@ source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 exclude_patterns = ["_build"]
 
 autodoc_member_order = "bysource"
-autodoc_typehints = "description"
-# The signatures show the aliases, not their expansions (ArrayLike is a long Union).
-autodoc_type_aliases = {"ArrayLike": "jax.typing.ArrayLike", "KernelLayout": "KernelLayout"}
+# The Args sections say what each argument is; jax.typing.ArrayLike, spelled out, is a
+# ten-member Union that would bury them.
+autodoc_typehints = "none"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_ivar = True  # "Attributes:" as fields of the class, not a second description
