@@ -3,6 +3,8 @@
 A fresh virtual environment gets the floors of pyproject.toml's `dependencies` (jax, flax, optax,
 numpy; jaxlib at jax's) pinned with `==`, and runs the loss, head and noise tests there against
 the source tree. Needs PyPI (or the configured index); skipped, saying so, when it is unreachable.
+Measured on 2 cores: 130 s when idle (26 s install from pip's cache, 103 s tests), 258 s when
+shared with other jobs (49 s, 208 s).
 """
 
 import os
