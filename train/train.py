@@ -261,6 +261,11 @@ def compute_losses(
     alpha: jax.Array,
 ) -> jax.Array:
     """Per-example training losses of the loss named by `config.loss`."""
+    if config.stop_norm_gradient:
+        output = output._replace(
+            feature_norm=jax.lax.stop_gradient(output.feature_norm),
+            class_norm=jax.lax.stop_gradient(output.class_norm),
+        )
     if config.loss == "softmax":
         return optax.softmax_cross_entropy_with_integer_labels(output.logits, labels)
     if config.loss == "label_smoothing":
