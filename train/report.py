@@ -101,6 +101,11 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
         return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def _collapsed(error: float) -> bool:
+    """Whether a run's test error means chance accuracy."""
+    return error >= 1 - COLLAPSE_ACCURACY
+
+
 def _is_nan(x: float) -> bool:
     return isinstance(x, float) and math.isnan(x)
 
@@ -134,7 +139,7 @@ def comparison_table(rows: list[dict], dataset: str, names: Sequence[str]) -> tu
         if not errors:
             continue
         mean, std = mean_std(errors)
-        collapsed = sum(e >= 1 - COLLAPSE_ACCURACY for e in errors)
+        collapsed = sum(map(_collapsed, errors))
         if name == "softmax" or not baseline:
             delta, p, separate = "", "", ""
         else:
@@ -321,33 +326,76 @@ def plot_saturation(rows: list[dict], dataset: str, path: str) -> bool:
     return True
 
 
+def _error_panel(ax, errors: dict[str, list[float]], title: str) -> None:
+    """Mean ± std (squares) and every seed (dots) of each configuration's test error in %."""
+    for x, values in enumerate(errors.values()):
+        percent = [100 * e for e in values]
+        mean, std = mean_std(percent)
+        ax.errorbar(
+            [x], [mean], yerr=[0 if math.isnan(std) else std], fmt="s", color="black", capsize=4
+        )
+        ax.plot([x] * len(percent), percent, ".", color="tab:gray")
+    ax.set_xticks(range(len(errors)), list(errors), rotation=60, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(errors) - 0.4)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+
+
+def error_panels(rows: list[dict]) -> list[tuple[str, dict[str, list[float]]]]:
+    """The panels of the test-error plot: (title, {main configuration: test errors}).
+
+    Per dataset, the configurations that train, then (apart, so that the first panel's linear
+    scale shows their differences) those with a collapsed run or over twice softmax's mean error.
+    """
+    panels = []
+    for dataset in dataset_order({r["dataset"] for r in rows if r["name"] in sweeps.MAIN}):
+        errors = {}
+        for name in sweeps.MAIN:
+            found = [r["test_error"] for r in rows if r["dataset"] == dataset and r["name"] == name]
+            if found:
+                errors[name] = found
+        baseline = mean_std(errors["softmax"])[0] if "softmax" in errors else math.inf
+        apart = {
+            name: values
+            for name, values in errors.items()
+            if any(map(_collapsed, values)) or mean_std(values)[0] > 2 * baseline
+        }
+        trained = {n: e for n, e in errors.items() if n not in apart}
+        if trained:
+            panels.append((dataset, trained))
+        if apart:
+            panels.append((f"{dataset}:\ncollapsed or > 2x softmax", apart))
+    return panels
+
+
 def plot_test_error(rows: list[dict], path: str) -> bool:
-    """Test error of every main configuration, per dataset: mean ± std and the single seeds."""
+    """Test error of every main configuration, per dataset: mean ± std and the single seeds.
+
+    Configurations with a collapsed run (chance accuracy) or over twice the softmax error (as
+    `alpha_range_table` judges them) get a panel of their own (`error_panels`), so that the
+    others share a linear scale on which their differences show.
+    """
     import matplotlib  # pylint: disable=g-import-not-at-top
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-    datasets = dataset_order({r["dataset"] for r in rows if r["name"] in sweeps.MAIN})
-    if not datasets:
+    panels = error_panels(rows)
+    if not panels:
         return False
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        names = [n for n in sweeps.MAIN if any(r["dataset"] == dataset and r["name"] == n for r in rows)]
-        for x, name in enumerate(names):
-            errors = [
-                100 * r["test_error"] for r in rows if r["dataset"] == dataset and r["name"] == name
-            ]
-            mean, std = mean_std(errors)
-            ax.errorbar(
-                [x], [mean], yerr=[0 if math.isnan(std) else std], fmt="s", color="black", capsize=4
-            )
-            ax.plot([x] * len(errors), errors, ".", color="tab:gray")
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
-        ax.set_ylabel("test error %")
-        ax.set_yscale("log")
-        ax.set_title(dataset)
-        ax.grid(alpha=0.3)
+    widths = [max(len(errors), 3) + 1 for _, errors in panels]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(0.55 * sum(widths) + 1, 4.8), squeeze=False,
+        gridspec_kw={"width_ratios": widths},
+    )
+    for ax, (title, errors) in zip(axes[0], panels):
+        _error_panel(ax, errors, title)
+    axes[0][0].set_ylabel("test error %")
+    fig.suptitle(
+        "test error: mean ± std over seeds (squares) and each seed (dots); collapsed: a run at "
+        f"accuracy <= {COLLAPSE_ACCURACY:.0%}; > 2x softmax: mean error over twice softmax's",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

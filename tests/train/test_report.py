@@ -68,3 +68,25 @@ def test_committed_tables_are_what_the_stored_runs_give():
     # README's numbers) from the stored runs alone.
     assert report.tables(report.load_runs(RESULTS)) == fake_runs.read(
         os.path.join(RESULTS, "tables.md"))
+
+
+def _row(dataset, name, test_error):
+    return {"dataset": dataset, "name": name, "test_error": test_error}
+
+
+def test_error_panels_put_collapsed_and_degraded_configurations_apart():
+    rows = [
+        *(_row("mnist", "softmax", e) for e in (0.030, 0.032)),
+        *(_row("mnist", "noisy_a0.1", e) for e in (0.025, 0.027)),
+        *(_row("mnist", "negative_a0.1", e) for e in (0.05, 0.08)),  # mean 6.5 % > 2 x 3.1 %
+        *(_row("mnist", "noisy_a0.5", e) for e in (0.03, 0.9)),  # one collapsed run
+        _row("mnist", "noisy_a0.2", 0.9),  # not in the main grid: not plotted
+        _row("fashion_mnist", "free_a0.1", 0.15),  # no softmax to compare with
+    ]
+    panels = [(title, {name: len(errors) for name, errors in group.items()})
+              for title, group in report.error_panels(rows)]
+    assert panels == [
+        ("mnist", {"softmax": 2, "noisy_a0.1": 2}),
+        ("mnist:\ncollapsed or > 2x softmax", {"noisy_a0.5": 2, "negative_a0.1": 2}),
+        ("fashion_mnist", {"free_a0.1": 1}),
+    ]
