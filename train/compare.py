@@ -39,7 +39,7 @@ from train import prepare_data
 from train import report
 from train import sweeps
 
-_GRID = flags.DEFINE_list("grid", ["main"], f"Comma-separated grids among {', '.join(sweeps.GRIDS)}.")
+_GRID = flags.DEFINE_list("grid", ["main"], f"Grids among {', '.join(sweeps.GRIDS)}.")
 _DATASETS = flags.DEFINE_list(
     "datasets", list(sweeps.GRID_DATASETS), f"Among {', '.join(prepare_data.DATASETS)}."
 )
@@ -178,6 +178,9 @@ def main(argv: Sequence[str]) -> None:
                 print(f"{'done' if is_done(run, results) else 'todo'}  {run.workdir(results)}")
             return
         train_runs(runs, results, _DATA_DIR.value)
+    elif not os.path.isdir(os.path.join(results, "runs")):
+        missing = os.path.join(results, "runs")
+        raise SystemExit(f"error: no runs to report: {missing} does not exist")
     report.report(results)
 
 

@@ -105,8 +105,8 @@ def test_train_runs_decodes_each_split_once_for_the_whole_grid(tmp_path, monkeyp
     "argv, expected",
     [
         (["prog", "--report-only"], ["prog", "--report_only"]),
-        (["prog", "--data-dir=/a-b", "--seeds", "0,1"], ["prog", "--data_dir=/a-b", "--seeds", "0,1"]),
-        (["prog", "--report_only", "--", "--not-a-flag"], ["prog", "--report_only", "--", "--not-a-flag"]),
+        (["prog", "--data-dir=/a-b", "--seeds", "0"], ["prog", "--data_dir=/a-b", "--seeds", "0"]),
+        (["prog", "--list", "--", "--not-a-flag"], ["prog", "--list", "--", "--not-a-flag"]),
     ],
 )
 def test_dashed_flag_names_are_accepted(argv, expected):
@@ -146,3 +146,9 @@ def test_list_shows_done_and_todo_runs(tmp_path):
 def test_bad_flags_fail_naming_the_value(tmp_path, flag, message):
     result = _cli("--list", flag, cwd=tmp_path)
     assert result.returncode != 0 and message in result.stderr
+
+
+def test_report_only_without_runs_fails_in_one_line(tmp_path):
+    result = _cli("--report-only", "--results", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"no runs to report: {tmp_path / 'nothing' / 'runs'} does not exist" in result.stderr

@@ -32,7 +32,8 @@ def _trajectory(name, seed=0):
     """What a run's config.json records of the training itself."""
     config = sweeps.run_config(sweeps.Run("mnist", name, seed))
     recorded = json.loads(config.to_json())
-    return {k: v for k, v in recorded.items() if k not in train_lib._NON_TRAJECTORY_KEYS}  # pylint: disable=protected-access
+    reporting = train_lib._NON_TRAJECTORY_KEYS  # pylint: disable=protected-access
+    return {k: v for k, v in recorded.items() if k not in reporting}
 
 
 def test_configurations_differ_in_what_their_config_json_records():
