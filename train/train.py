@@ -433,6 +433,8 @@ def check_or_write_config(config, workdir: str, *, write: bool) -> None:
     if os.path.exists(path):
         with open(path) as f:
             saved = {k: v for k, v in json.load(f).items() if k not in _NON_TRAJECTORY_KEYS}
+        # A key added since the run started (e.g. stop_norm_gradient) had its default value.
+        saved = {**_config_for_comparison(default_config.get_config()), **saved}
         current = _config_for_comparison(config)
         differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if differing:
