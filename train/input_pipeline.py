@@ -12,7 +12,7 @@ Normalization and the CIFAR-10+ augmentation run on the device (see `augment`).
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import io
 import os
 from collections.abc import Iterator
@@ -23,21 +23,13 @@ import numpy as np
 
 from train import prepare_data
 
+# The registry lives with the data preparation (which does not import JAX); re-exported here for
+# the code that reads the data.
+DatasetInfo = prepare_data.DatasetInfo
+DATASETS = prepare_data.DATASETS
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    num_classes: int
-    image_shape: tuple[int, int, int]
-    mean: tuple[float, ...]  # per channel, on the 0..255 scale
-    std: tuple[float, ...]
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo(10, (28, 28, 1), (33.32,), (78.57,)),
-    "fashion_mnist": DatasetInfo(10, (28, 28, 1), (72.94,), (90.02,)),
-    "cifar10": DatasetInfo(10, (32, 32, 3), (125.31, 122.95, 113.87), (62.99, 62.09, 66.70)),
-    "cifar100": DatasetInfo(100, (32, 32, 3), (129.30, 124.07, 112.43), (68.17, 65.39, 70.42)),
-}
+# While `cached_splits()` is active: (dataset, split, data_dir) -> read-only (images, labels).
+_split_cache: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def _open_source(dataset: str, split: str, data_dir: str, *, skip_decoding: bool = True):
@@ -84,10 +76,52 @@ def open_source(dataset: str, split: str, data_dir: str, *, prepare: bool = True
     return _open_source(dataset, split, data_dir)
 
 
+@contextlib.contextmanager
+def cached_splits() -> Iterator[None]:
+    """Within this context, `load_split` decodes each split once and then returns the same arrays.
+
+    For a process that trains many short runs on the same data (`python -m train.compare`):
+    decoding a split costs seconds, a 200-step run about a minute. The cached arrays are made
+    read-only, so no run can change the data another run sees. Nested uses share one cache; it
+    is dropped when the outermost context exits.
+
+    Example:
+      >>> with cached_splits():  # doctest: +SKIP
+      ...     first = load_split("mnist", "test", "~/tensorflow_datasets")
+      ...     assert load_split("mnist", "test", "~/tensorflow_datasets")[0] is first[0]
+    """
+    global _split_cache
+    outermost = _split_cache is None
+    if outermost:
+        _split_cache = {}
+    try:
+        yield
+    finally:
+        if outermost:
+            _split_cache = None
+
+
 def load_split(
     dataset: str, split: str, data_dir: str, *, prepare: bool = True, chunk: int = 2048
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decodes a whole split into uint8 images [N, H, W, C] and int32 labels [N]."""
+    """Decodes a whole split into uint8 images [N, H, W, C] and int32 labels [N].
+
+    Inside `cached_splits()` a split is decoded once per data_dir and returned read-only.
+    """
+    if _split_cache is None:
+        return _decode_split(dataset, split, data_dir, prepare=prepare, chunk=chunk)
+    key = (dataset, split, os.path.abspath(os.path.expanduser(data_dir)))
+    if key not in _split_cache:
+        images, labels = _decode_split(dataset, split, data_dir, prepare=prepare, chunk=chunk)
+        images.setflags(write=False)
+        labels.setflags(write=False)
+        _split_cache[key] = (images, labels)
+    return _split_cache[key]
+
+
+def _decode_split(
+    dataset: str, split: str, data_dir: str, *, prepare: bool, chunk: int
+) -> tuple[np.ndarray, np.ndarray]:
     source = open_source(dataset, split, data_dir, prepare=prepare)
     batched = True
     images, labels = [], []

@@ -20,6 +20,7 @@ Usage:
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import io
@@ -29,7 +30,24 @@ from collections.abc import Iterator
 
 import numpy as np
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]  # per channel, on the 0..255 scale, of the training split
+    std: tuple[float, ...]
+
+
+# The datasets this project prepares and trains on: the one list that the data preparation, the
+# input pipeline, the config checks and train.compare share.
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo(10, (28, 28, 1), (33.32,), (78.57,)),
+    "fashion_mnist": DatasetInfo(10, (28, 28, 1), (72.94,), (90.02,)),
+    "cifar10": DatasetInfo(10, (32, 32, 3), (125.31, 122.95, 113.87), (62.99, 62.09, 66.70)),
+    "cifar100": DatasetInfo(100, (32, 32, 3), (129.30, 124.07, 112.43), (68.17, 65.39, 70.42)),
+}
+
 DEFAULT_DATA_DIR = "~/tensorflow_datasets"
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -245,7 +263,7 @@ def prepare(
       DataUnavailableError: the raw files are neither present nor downloadable.
     """
     if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+        raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {dataset!r}")
     data_dir = os.path.expanduser(data_dir)
     builder = _builder_classes()[dataset](data_dir=data_dir, file_format="array_record")
     if dataset in ("mnist", "fashion_mnist"):
@@ -286,7 +304,7 @@ def main(argv):
 if __name__ == "__main__":
     from absl import app, flags  # pylint: disable=g-import-not-at-top
 
-    flags.DEFINE_enum("dataset", "mnist", DATASETS, "Dataset to prepare.")
+    flags.DEFINE_enum("dataset", "mnist", list(DATASETS), "Dataset to prepare.")
     flags.DEFINE_string("data_dir", DEFAULT_DATA_DIR, "TFDS data folder to write to.")
     flags.DEFINE_string("source_dir", None, "Folder with the raw files (MNIST/Fashion-MNIST).")
     flags.DEFINE_integer("max_examples", None, "Keep only this many examples per split.")

@@ -259,6 +259,11 @@ def compute_losses(
     alpha: jax.Array,
 ) -> jax.Array:
     """Per-example training losses of the loss named by `config.loss`."""
+    if config.stop_norm_gradient:
+        output = output._replace(
+            feature_norm=jax.lax.stop_gradient(output.feature_norm),
+            class_norm=jax.lax.stop_gradient(output.class_norm),
+        )
     if config.loss == "softmax":
         return optax.softmax_cross_entropy_with_integer_labels(output.logits, labels)
     if config.loss == "label_smoothing":
@@ -426,6 +431,8 @@ def check_or_write_config(config, workdir: str, *, write: bool) -> None:
     if os.path.exists(path):
         with open(path) as f:
             saved = {k: v for k, v in json.load(f).items() if k not in _NON_TRAJECTORY_KEYS}
+        # A key added since the run started (e.g. stop_norm_gradient) had its default value.
+        saved = {**_config_for_comparison(default_config.get_config()), **saved}
         current = _config_for_comparison(config)
         differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if differing:

@@ -87,3 +87,54 @@ def test_normalize_standardizes_per_channel(dataset):
     out = input_pipeline.normalize(jnp.asarray(mean), dataset)
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, 0.0, atol=0.01)
+
+
+@pytest.fixture(scope="module")
+def tiny_mnist(tmp_path_factory):
+    """A prepared 12/6-example MNIST (from CSV files) in a TFDS data dir."""
+    from train import prepare_data
+
+    root = tmp_path_factory.mktemp("tiny_mnist")
+    rng = np.random.default_rng(0)
+    header = "label," + ",".join(f"p{i}" for i in range(784))
+    for split, n in (("train", 12), ("test", 6)):
+        rows = np.concatenate(
+            [rng.integers(0, 10, (n, 1)), rng.integers(0, 256, (n, 784))], axis=1
+        )
+        lines = [header] + [",".join(map(str, row)) for row in rows]
+        (root / f"mnist_{split}.csv").write_text("\n".join(lines) + "\n")
+    prepare_data.prepare("mnist", str(root / "tfds"), source_dir=root)
+    return str(root / "tfds")
+
+
+def _counting_open_source(monkeypatch):
+    opened = []
+    open_source = input_pipeline.open_source
+
+    def counting(dataset, split, data_dir, **kwargs):
+        opened.append((dataset, split))
+        return open_source(dataset, split, data_dir, **kwargs)
+
+    monkeypatch.setattr(input_pipeline, "open_source", counting)
+    return opened
+
+
+def test_cached_splits_decode_once_and_return_the_same_read_only_arrays(tiny_mnist, monkeypatch):
+    opened = _counting_open_source(monkeypatch)
+    uncached = input_pipeline.load_split("mnist", "train", tiny_mnist, prepare=False)
+    with input_pipeline.cached_splits():
+        first = input_pipeline.load_split("mnist", "train", tiny_mnist, prepare=False)
+        with input_pipeline.cached_splits():  # a nested use shares the cache
+            again = input_pipeline.load_split("mnist", "train", tiny_mnist + "/", prepare=False)
+        test = input_pipeline.load_split("mnist", "test", tiny_mnist, prepare=False)
+        assert input_pipeline.load_split("mnist", "test", tiny_mnist, prepare=False)[0] is test[0]
+    assert opened == [("mnist", "train"), ("mnist", "train"), ("mnist", "test")]
+    assert again[0] is first[0] and again[1] is first[1]
+    for cached, fresh in zip(first, uncached):
+        np.testing.assert_array_equal(cached, fresh)
+        assert fresh.flags.writeable and not cached.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            cached[0] = 0
+    # Outside the context every call decodes afresh, into arrays the caller owns.
+    after = input_pipeline.load_split("mnist", "train", tiny_mnist, prepare=False)
+    assert len(opened) == 4 and after[0] is not first[0] and after[0].flags.writeable

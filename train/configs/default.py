@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.shared_noise = False  # one |xi| per mini-batch, as in the authors' Caffe code
     config.negative = False  # raise the target logit instead (the paper's negative ablation)
     config.label_smoothing = 0.1  # used by loss=label_smoothing only
+    # Stop the gradient through ||W_y|| and ||x|| (the head's norms) before the loss: the
+    # amplitude of the noise enters as a constant (an ablation of train.compare's alpha range).
+    config.stop_norm_gradient = False
 
     # Optimization: SGD with momentum and weight decay.
     config.batch_size = 128  # global, over all devices and processes
