@@ -6,6 +6,7 @@ from noisy_softmax_jax.head import HeadOutput, NoisySoftmaxHead
 from noisy_softmax_jax.loss import (
     NOISE_VARIANTS,
     checked_noisy_softmax_cross_entropy,
+    noisy_logits,
     noisy_softmax_cross_entropy,
     noisy_target_logit,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "NoisySoftmaxHead",
     "alpha_schedule",
     "checked_noisy_softmax_cross_entropy",
+    "noisy_logits",
     "noisy_softmax_cross_entropy",
     "noisy_target_logit",
     "safe_norm",
