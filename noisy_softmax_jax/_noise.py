@@ -39,7 +39,9 @@ def _threefry2x32(key, x0, x1):
 def _is_threefry_key(rng) -> bool:
     if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
         return str(jax.random.key_impl(rng)) == "threefry2x32"
-    return jax.config.jax_default_prng_impl == "threefry2x32"  # a legacy uint32[2] key
+    # A legacy uint32[2] key. The attribute is the value in effect (context managers included);
+    # JAX's type stubs do not declare it.
+    return jax.config.jax_default_prng_impl == "threefry2x32"  # type: ignore[attr-defined]
 
 
 def standard_normal(rng, shape, dtype):

@@ -40,10 +40,10 @@ def noisy_target_logit(target_logit: jax.Array, rng: jax.Array, alpha: jax.Array
     if noise == "annealed":
         # a - f_y = ||W_y|| ||x|| (1 - cos theta) >= 0, but it can round to a tiny negative
         # value when x is aligned with W_y: clamped, so the noise never raises the target.
-        gap = amplitude.astype(dtype) - target_logit
+        gap = jnp.asarray(amplitude, dtype) - target_logit
         scale = jnp.where(gap > 0, gap, jnp.zeros_like(gap))
     elif noise == "amplitude":
-        amplitude = amplitude.astype(dtype)
+        amplitude = jnp.asarray(amplitude, dtype)
         scale = jnp.where(amplitude > 0, amplitude, jnp.zeros_like(amplitude))
     else:  # "free"
         scale = jnp.ones_like(target_logit)

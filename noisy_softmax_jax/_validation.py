@@ -186,4 +186,4 @@ def check_rng(rng) -> jax.Array:
             "`rng` must be a JAX PRNG key (jax.random.key(seed) or a legacy "
             f"jax.random.PRNGKey(seed)); got an array of dtype {rng.dtype}."
         )
-    return rng
+    return jnp.asarray(rng)

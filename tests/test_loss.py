@@ -1,4 +1,4 @@
-"""Behaviour of noisy_softmax_cross_entropy against a float64 NumPy reference, Optax and PAPER.md."""
+"""noisy_softmax_cross_entropy against a float64 NumPy reference, Optax and PAPER.md."""
 
 import jax
 import jax.numpy as jnp
@@ -114,8 +114,9 @@ def test_one_noise_per_example_or_one_per_batch():
 
 def test_same_key_same_loss_different_key_different_noise():
     _, _, logits, labels, amplitude = make_batch(3)
-    loss = lambda rng: nsj.noisy_softmax_cross_entropy(logits, labels, rng, 0.1,
-                                                       amplitude=amplitude)
+    def loss(rng):
+        return nsj.noisy_softmax_cross_entropy(logits, labels, rng, 0.1, amplitude=amplitude)
+
     np.testing.assert_array_equal(loss(jax.random.key(5)), loss(jax.random.key(5)))
     assert not np.allclose(loss(jax.random.key(5)), loss(jax.random.key(6)))
 
@@ -173,8 +174,10 @@ def test_check_grads_float64(noise):
         _, _, logits, labels, amplitude = make_batch(7, batch=(6,), dtype=jnp.float64)
         amplitude = amplitude.astype(jnp.float64) + 0.5  # away from the clamp's kink
         rng = jax.random.key(3)
-        fn = lambda lg, amp: nsj.noisy_softmax_cross_entropy(
-            lg, labels, rng, 0.2, amplitude=amp, noise=noise)
+        def fn(lg, amp):
+            return nsj.noisy_softmax_cross_entropy(lg, labels, rng, 0.2, amplitude=amp,
+                                                   noise=noise)
+
         check_grads(fn, (logits, amplitude), order=2, modes=["fwd", "rev"], eps=1e-4)
 
 
@@ -233,8 +236,10 @@ def test_where_masks_examples_out():
     _, _, logits, labels, amplitude = make_batch(10, batch=(8,))
     where = jnp.array([True, False] * 4)
     rng = jax.random.key(0)
-    fn = lambda lg, w: nsj.noisy_softmax_cross_entropy(lg, labels, rng, 0.1,
-                                                       amplitude=amplitude, where=w)
+    def fn(lg, w):
+        return nsj.noisy_softmax_cross_entropy(lg, labels, rng, 0.1, amplitude=amplitude,
+                                               where=w)
+
     masked, full = fn(logits, where), fn(logits, None)
     np.testing.assert_array_equal(masked[~where], 0.0)
     np.testing.assert_array_equal(masked[where], full[where])
@@ -246,7 +251,9 @@ def test_where_masks_examples_out():
 def test_vmap_over_a_leading_axis_with_a_key_each():
     _, _, logits, labels, amplitude = make_batch(11, batch=(3, 5))
     keys = jax.random.split(jax.random.key(0), 3)
-    fn = lambda lg, lb, k, amp: nsj.noisy_softmax_cross_entropy(lg, lb, k, 0.1, amplitude=amp)
+    def fn(lg, lb, k, amp):
+        return nsj.noisy_softmax_cross_entropy(lg, lb, k, 0.1, amplitude=amp)
+
     batched = jax.vmap(fn)(logits, labels, keys, amplitude)
     for i in range(3):
         np.testing.assert_allclose(batched[i], fn(logits[i], labels[i], keys[i], amplitude[i]),

@@ -74,8 +74,8 @@ def test_fused_path_equals_the_plain_definition(noise, options, dtype):
     logits, labels, amplitude, where = make_inputs(dtype)
     options = OPTIONS[options]
     where = where if options.get("where") else None
-    static = dict(noise=noise, shared_noise=options.get("shared_noise", False),
-                  negative=options.get("negative", False))
+    static = {"noise": noise, "shared_noise": options.get("shared_noise", False),
+              "negative": options.get("negative", False)}
     rng, sigma = jax.random.key(7), jnp.float32(1.0)
     alpha = jnp.float32(0.5)
 

@@ -109,8 +109,10 @@ def test_forward_mode_and_hessian_work():
     logits = jnp.array([[1.0, -0.5, 2.0], [0.3, 0.1, -1.0]])
     labels = jnp.array([2, 0])
     amplitude = jnp.array([4.0, 3.0])
-    fn = lambda lg: nsj.noisy_softmax_cross_entropy(
-        lg, labels, jax.random.key(0), 0.2, amplitude=amplitude).sum()
+    def fn(lg):
+        return nsj.noisy_softmax_cross_entropy(
+            lg, labels, jax.random.key(0), 0.2, amplitude=amplitude).sum()
+
     hessian = jax.jit(jax.hessian(fn))(logits)
     forward = jax.jacfwd(fn)(logits)
     np.testing.assert_allclose(forward, jax.grad(fn)(logits), rtol=1e-5, atol=1e-7)

@@ -1,4 +1,4 @@
-"""Property-based tests of the loss: valid input never gives NaN or inf, invalid input always raises.
+"""Property tests of the loss: valid input never gives NaN or inf, invalid input always raises.
 
 Hypothesis draws the shapes, dtypes, values, hyperparameters, noise variants and masks. XLA
 compiles once per shape, dtype and static argument, and a compile costs about a second on a
@@ -406,7 +406,8 @@ CHECKED_VALUE_ERRORS = {
 @hypothesis.given(case=valid_inputs((3, 4), 5), name=st.sampled_from(sorted(CHECKED_VALUE_ERRORS)))
 def test_checked_mode_reports_every_bad_value_under_jit(case, name):
     gen = np.random.default_rng(case["seed"])
-    logits, labels, amplitude = case["logits"].copy(), case["labels"].copy(), case["amplitude"].copy()
+    logits, labels = case["logits"].copy(), case["labels"].copy()
+    amplitude = case["amplitude"].copy()
     alpha, sigma = np.float32(case["alpha"]), np.float32(case["sigma"])
     index = tuple(int(gen.integers(n)) for n in labels.shape)
     if name == "label out of range":

@@ -1,4 +1,4 @@
-"""noisy_logits: the loss's noisy logits for any cross-entropy (Optax's, label smoothing, a margin)."""
+"""noisy_logits: the loss's noisy logits, for any cross-entropy (Optax's, smoothed, margins)."""
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ from tests.test_loss import abs_xi_of, make_batch
 def test_optax_on_the_noisy_logits_is_the_loss(noise, shared, negative, dtype):
     _, _, logits, labels, amplitude = make_batch(0, batch=(4, 8), num_classes=13, dtype=dtype)
     rng = jax.random.key(5)
-    options = dict(noise=noise, shared_noise=shared, negative=negative)
+    options = {"noise": noise, "shared_noise": shared, "negative": negative}
 
     def composed(lg, amp):
         noisy = nsj.noisy_logits(lg, labels, rng, 0.3, amplitude=amp, **options)
@@ -28,11 +28,13 @@ def test_optax_on_the_noisy_logits_is_the_loss(noise, shared, negative, dtype):
         return nsj.noisy_softmax_cross_entropy(lg, labels, rng, 0.3, amplitude=amp, **options)
 
     @jax.jit
-    def value_and_grads(lg, amp):
-        return [jax.value_and_grad(lambda lg, amp: fn(lg, amp).sum(), argnums=(0, 1))(lg, amp)
-                + (fn(lg, amp),) for fn in (composed, fused)]
+    def losses_and_grads(lg, amp):
+        def grads(fn):
+            return jax.grad(lambda lg, amp: fn(lg, amp).sum(), argnums=(0, 1))(lg, amp)
 
-    (_, ours_grads, ours), (_, fused_grads, expected) = value_and_grads(logits, amplitude)
+        return composed(lg, amp), grads(composed), fused(lg, amp), grads(fused)
+
+    ours, ours_grads, expected, fused_grads = losses_and_grads(logits, amplitude)
     assert ours.dtype == expected.dtype == jnp.float32
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
     for got, want in zip(ours_grads, fused_grads):
