@@ -61,6 +61,7 @@ def noisy_logits(logits: jax.Array, labels: jax.Array, rng: jax.Array, alpha: ja
     noisy_target = noisy_target_logit(
         jnp.squeeze(target, axis), rng, alpha, sigma, amplitude,
         noise=noise, shared_noise=shared_noise, negative=negative)
+    # Class indices in int32, not the labels' dtype: uint8 labels must not wrap at 256.
     is_target = jnp.expand_dims(labels, axis) == jax.lax.broadcasted_iota(
         jnp.int32, logits.shape, axis % logits.ndim)
     return jnp.where(is_target, jnp.expand_dims(noisy_target, axis), logits), noisy_target
