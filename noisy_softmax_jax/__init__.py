@@ -6,6 +6,7 @@ from noisy_softmax_jax.head import HeadOutput, NoisySoftmaxHead, head_output
 from noisy_softmax_jax.loss import (
     NOISE_VARIANTS,
     checked_noisy_softmax_cross_entropy,
+    noisy_logits,
     noisy_softmax_cross_entropy,
     noisy_target_logit,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "alpha_schedule",
     "checked_noisy_softmax_cross_entropy",
     "head_output",
+    "noisy_logits",
     "noisy_softmax_cross_entropy",
     "noisy_target_logit",
     "safe_norm",

@@ -2,7 +2,8 @@
 
 Kept apart from the loss because it re-derives JAX's threefry bits; ``tests/test_noise_draw.py``
 pins the equality with ``jax.random.normal`` for every case it handles and the fallback for the
-others, so a change in JAX's derivation fails the tests instead of changing the noise.
+others, so a change in JAX's derivation fails the tests instead of changing the noise. Also here:
+`computed_once`, which keeps XLA from redoing such a per-example draw for every class.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def _threefry2x32(key, x0, x1):
 def _is_threefry_key(rng) -> bool:
     if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
         return str(jax.random.key_impl(rng)) == "threefry2x32"
-    # A legacy uint32[2] key. (jax.config's flags are attributes that type checkers cannot see.)
+    # A legacy uint32[2] key. The attribute is the value in effect (context managers included);
+    # JAX's type stubs do not declare it.
     return jax.config.jax_default_prng_impl == "threefry2x32"  # type: ignore[attr-defined]
 
 
@@ -75,3 +77,27 @@ def standard_normal(rng, shape, dtype):
         jax.lax.shift_right_logical(bits, np.uint32(9)) | one.view(np.uint32), jnp.float32) - one
     uniform = jax.lax.max(lo, floats * (one - lo) + lo)
     return np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform)
+
+
+@jax.custom_jvp
+def computed_once(x: jax.Array) -> jax.Array:
+    """`x`, unchanged, as the result of a reduction that XLA computes once.
+
+    XLA fuses a cheap per-example computation (the noise draw, or the slope d f~_y / d f_y
+    derived from it) into the [..., classes] loop that reads it and redoes it for every
+    class; `lax.optimization_barrier` does not stop this on CPU (it is removed before
+    fusion). A reduction is not fused into its consumer: here a bitwise or of x's bits with
+    zero, exact. (A sum with a zero would be as exact, but XLA:CPU hands float sums to its
+    YNNPACK fusions, which can absorb the consumer's broadcast and write a [..., classes]
+    array.) Its derivative is the identity.
+    """
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
+    stacked = jnp.stack([bits, jnp.zeros_like(bits)], axis=-1)
+    bits = jax.lax.reduce(stacked, bits.dtype.type(0), jax.lax.bitwise_or, (stacked.ndim - 1,))
+    return jax.lax.bitcast_convert_type(bits, x.dtype)
+
+
+@computed_once.defjvp
+def _computed_once_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return computed_once(x), dx

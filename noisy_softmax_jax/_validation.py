@@ -56,7 +56,33 @@ def check_floating(name: str, x, shape_hint: str) -> jax.Array:
     return x
 
 
+def _require_class_axis(logits: jax.Array) -> None:
+    if logits.ndim < 1:
+        raise ValueError("`logits` must have a class axis: expected shape [..., C]; got a scalar.")
+
+
+def check_class_axis(axis, logits: jax.Array) -> int:
+    """The class axis of `logits` as a non-negative int, as in Optax's ``axis`` (one axis)."""
+    _require_class_axis(logits)
+    if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
+        raise TypeError(
+            f"`axis` must be an int, the class axis of `logits`; got {type(axis).__name__} "
+            f"{axis!r}. (Optax's tuple of axes is not supported: reshape the logits instead.)"
+        )
+    if not -logits.ndim <= axis < logits.ndim:
+        raise ValueError(
+            f"`axis` must lie in [{-logits.ndim}, {logits.ndim}) for logits of shape "
+            f"{logits.shape}; got axis = {axis}."
+        )
+    return int(axis) % logits.ndim
+
+
 def check_labels(labels, logits: jax.Array) -> jax.Array:
+    return check_labels_along_axis(labels, logits, -1)
+
+
+def check_labels_along_axis(labels, logits: jax.Array, axis: int) -> jax.Array:
+    """`check_labels` for logits whose class axis is `axis` (checked by `check_class_axis`)."""
     if not isinstance(labels, jax.Array):
         # Checked on the host before JAX converts them: without x64, JAX stores int64 labels
         # as int32, which would wrap an out-of-range label such as 2**32 into a valid one.
@@ -71,16 +97,19 @@ def check_labels(labels, logits: jax.Array) -> jax.Array:
         raise TypeError(
             f"`labels` must be an integer array of class indices; got dtype {labels.dtype}."
         )
-    if logits.ndim < 1:
-        raise ValueError("`logits` must have a class axis: expected shape [..., C]; got a scalar.")
-    if labels.shape != logits.shape[:-1]:
+    _require_class_axis(logits)
+    axis = axis % logits.ndim
+    expected = logits.shape[:axis] + logits.shape[axis + 1:]
+    if labels.shape != expected:
+        without = ("logits.shape[:-1]" if axis == logits.ndim - 1
+                   else f"logits.shape without axis {axis}")
         raise ValueError(
-            f"`labels` must have shape logits.shape[:-1] = {logits.shape[:-1]}; got "
+            f"`labels` must have shape {without} = {expected}; got "
             f"labels.shape = {labels.shape} for logits.shape = {logits.shape}."
         )
     values = concrete_value(labels)
     if values is not None and values.size:
-        num_classes = logits.shape[-1]
+        num_classes = logits.shape[axis]
         bad = (values < 0) | (values >= num_classes)
         if bad.any():
             index = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -157,5 +186,4 @@ def check_rng(rng) -> jax.Array:
             "`rng` must be a JAX PRNG key (jax.random.key(seed) or a legacy "
             f"jax.random.PRNGKey(seed)); got an array of dtype {rng.dtype}."
         )
-    # A legacy key may come as a NumPy array; jax.random would convert it all the same.
-    return rng if isinstance(rng, jax.Array) else jnp.asarray(rng)
+    return jnp.asarray(rng)

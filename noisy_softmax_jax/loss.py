@@ -1,9 +1,21 @@
-"""Noisy softmax cross-entropy (Chen, Deng & Du, CVPR 2017).
+"""Noisy softmax cross-entropy (Chen, Deng & Du, CVPR 2017): the public functions.
 
 The loss is plain softmax cross-entropy with integer labels in which the
 target logit, and only the target logit, is lowered by a sampled, non-negative
 noise before the softmax. Everything here is a pure function of its inputs
 and an explicit PRNG key.
+
+One definition, two implementations. ``_plain.py`` is the definition as the
+paper writes it (``take_along_axis``, the noisy target, ``logsumexp``): read
+it for the math. It runs in :func:`noisy_logits`, whose output any
+cross-entropy consumes, and in the tests as the reference. ``_fused.py`` is
+the same function as a ``jax.custom_jvp`` written for XLA (on CPU one array of
+exponentials whose buffer becomes the gradient, on accelerators nothing
+``[..., classes]`` kept): :func:`noisy_softmax_cross_entropy` and
+:func:`checked_noisy_softmax_cross_entropy` always run it, with the class axis
+moved last first (free when it is last already). ``tests/test_loss_paths.py``
+pins the two equal, values and gradients. This module checks the arguments
+and documents the functions.
 """
 
 from __future__ import annotations
@@ -14,252 +26,50 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
-from noisy_softmax_jax import _noise, _validation
+from noisy_softmax_jax import _fused, _plain, _validation
+from noisy_softmax_jax._plain import compute_dtype as _compute_dtype
+from noisy_softmax_jax._plain import noisy_target_logit as _noisy_target_logit
 from noisy_softmax_jax._validation import NOISE_VARIANTS
 
 __all__ = [
     "NOISE_VARIANTS",
     "checked_noisy_softmax_cross_entropy",
+    "noisy_logits",
     "noisy_softmax_cross_entropy",
     "noisy_target_logit",
 ]
 
-
-def _compute_dtype(dtype) -> jnp.dtype:
-    """bfloat16 and float16 are computed in float32; float64 stays float64."""
-    return jnp.promote_types(dtype, jnp.float32)
+_STATIC = ("noise", "shared_noise", "negative", "axis")
 
 
-def _noisy_target_logit(target_logit, rng, alpha, sigma, amplitude, *, noise, shared_noise,
-                        negative):
-    """Unchecked core of :func:`noisy_target_logit`; inputs already in the compute dtype."""
-    dtype = target_logit.dtype
-    shape = () if shared_noise else target_logit.shape
-    # xi is a sampled constant: no gradient reaches alpha, sigma or the key. Computed once:
-    # else XLA redoes the hash and erfinv in every per-example kernel that reads xi.
-    xi = _computed_once(_noise.standard_normal(rng, shape, dtype))
-    magnitude = jnp.asarray(alpha, dtype) * jnp.asarray(sigma, dtype) * jnp.abs(xi)
-    if noise == "annealed":
-        # ||W_y|| ||x|| (1 - cos theta) = amplitude - f_y is >= 0 in exact arithmetic
-        # but can round to a tiny negative value when x is aligned with W_y. Clamping it
-        # at zero keeps the noise from ever raising the target logit; where the clamp is
-        # active the factor and its gradient are exactly zero.
-        gap = amplitude.astype(dtype) - target_logit
-        scale = jnp.where(gap > 0, gap, jnp.zeros_like(gap))
-    elif noise == "amplitude":
-        amplitude = amplitude.astype(dtype)
-        scale = jnp.where(amplitude > 0, amplitude, jnp.zeros_like(amplitude))
-    else:  # "free"
-        scale = jnp.ones_like(target_logit)
-    injected = magnitude * scale
-    return target_logit + injected if negative else target_logit - injected
-
-
-def _is_target(logits, labels):
-    return labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
-
-
-def _noisy_logits(logits, labels, noisy_target):
-    """The logits with the target column replaced by the noisy target, the others untouched.
-
-    The same values as ``jnp.where(labels == column, noisy_target, logits)``, bit for bit,
-    infinities and NaN included, but written with min/max against +-inf: XLA:CPU fuses this
-    form into its reduction kernels, where it would first write a select out to memory.
-    """
-    if logits.shape[-1] > 2**24:  # column indices would no longer be exact in float32
-        return jnp.where(_is_target(logits, labels), noisy_target[..., None], logits)
-    columns = jnp.arange(logits.shape[-1], dtype=logits.dtype)
-    distance = jnp.abs(columns - labels[..., None].astype(logits.dtype))
-    off_target = (distance - 0.5) * jnp.inf  # +inf off the target column, -inf on it
-    return jnp.maximum(jnp.minimum(logits, off_target),
-                       jnp.minimum(noisy_target[..., None], -off_target))
-
-
-@jax.custom_jvp
-def _computed_once(x):
-    """`x`, unchanged, as the result of a reduction that XLA computes once.
-
-    XLA fuses a cheap per-example computation (here the noise sampling behind
-    d f~_y / d f_y) into the [..., classes] loop that reads it and redoes it for every
-    class; `lax.optimization_barrier` does not stop this on CPU (it is removed before
-    fusion). A reduction is not fused into its consumer: here a bitwise or of x's bits with
-    zero, exact. (A sum with a zero would be as exact, but XLA:CPU hands float sums to its
-    YNNPACK fusions, which can absorb the consumer's broadcast and write a [..., classes]
-    array.) Its derivative is the identity.
-    """
-    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
-    stacked = jnp.stack([bits, jnp.zeros_like(bits)], axis=-1)
-    bits = jax.lax.reduce(stacked, bits.dtype.type(0), jax.lax.bitwise_or, (stacked.ndim - 1,))
-    return jax.lax.bitcast_convert_type(bits, x.dtype)
-
-
-@_computed_once.defjvp
-def _computed_once_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    return _computed_once(x), dx
-
-
-# How far (in nats) the noise may push a target that is the largest logit below that
-# logit before the shortcut in `_log_normalizer_shift` falls back to the exact maximum.
-_MAX_SHIFT_GAP = 30.0
-
-
-def _log_normalizer_shift(logits, labels, target_logit, noisy_target):
-    """A per-example shift m for logsumexp(noisy_logits) = m + log(sum(exp(noisy_logits - m))).
-
-    The maximum of the noisy logits, without a pass over them: the largest logit and the
-    noisy target give it exactly unless the target is the largest logit and the noise
-    lowered it (then the largest of the others is unknown). In that case the largest logit
-    is still a safe shift as long as the noisy target is within _MAX_SHIFT_GAP of it: the
-    sum keeps a term >= exp(-30) and nothing that matters underflows. Rows beyond that gap
-    (noise of more than 30 nats on a dominant target) get the exact maximum from one more
-    pass, run only when such a row exists. With alpha = 0 the shift is the plain maximum,
-    as in `jax.nn.logsumexp`. `logits` may be in half precision (the maximum is exact in
-    any dtype); the rest is in the compute dtype.
-    """
-    dtype = noisy_target.dtype
-    largest = jnp.max(logits, axis=-1).astype(dtype)
-    shift = jnp.maximum(largest, noisy_target)
-    far = (target_logit >= largest) & (noisy_target < shift - _MAX_SHIFT_GAP)
-
-    def exact_where_far():
-        noisy_logits = _noisy_logits(logits.astype(dtype), labels, noisy_target)
-        return jnp.where(far, jnp.max(noisy_logits, axis=-1), shift)
-
-    shift = jax.lax.cond(jnp.any(far), exact_where_far, lambda: shift)
-    return jax.lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
-
-
-# The loss, per example and unmasked, as a `jax.custom_jvp`. Its value is the plain
-# definition, logsumexp of the noisy logits minus the noisy target, computed with the
-# operations of Optax's loss (alpha = 0 gives Optax's bits). Its derivative
-#
-#   d loss = sum_j (p~_j - [j = y]) d n_j + (p~_y - 1) (d f~_y through alpha, sigma, amplitude)
-#   d n_j  = d f_j for j != y,   d n_y = (d f~_y / d f_y) d f_y,
-#
-# with n the noisy logits and p~ = softmax(n), is written so that, transposed for reverse
-# mode, the gradient of the logits costs what Optax's does: no one-hot array, no select
-# materialized before a reduction, no scatter into a fresh zero array, and the amplitude's
-# gradient is a per-example product. A custom JVP rather than a custom VJP keeps forward
-# mode, `jax.hessian` and higher orders working.
-#
-# `keep_exponentials` picks how p~ reaches the backward pass:
-# - True (CPU): exp(logits - shift) is written once (the target column then overwritten in
-#   place), summed, and scaled in place into the gradient, which takes over its buffer: one
-#   exponential per element and the same passes as XLA makes of Optax's loss. For
-#   half-precision logits the gradient is written in one pass straight from the float32
-#   exponentials (one float32 array kept; Optax keeps two).
-# - False (accelerators): nothing [..., classes] is kept; the sum of exponentials is fused
-#   into one read of the logits and the backward pass recomputes exp(n - logsumexp(n))
-#   while it writes the gradient: three reads and one write, where memory, not exp, is
-#   the cost.
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9))
-def _noisy_cross_entropy(logits, labels, rng, alpha, sigma, amplitude, noise, shared_noise,
-                         negative, keep_exponentials):
-    del keep_exponentials  # the plain forward pass never keeps them
-    dtype = _compute_dtype(logits.dtype)
-    target_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0].astype(dtype)
-    noisy_target = _noisy_target_logit(
-        target_logit, rng, alpha, sigma, amplitude,
-        noise=noise, shared_noise=shared_noise, negative=negative)
-    shift = _log_normalizer_shift(logits, labels, target_logit, noisy_target)
-    noisy_logits = _noisy_logits(logits.astype(dtype), labels, noisy_target)
-    total = jnp.sum(jnp.exp(noisy_logits - shift[..., None]), axis=-1)
-    return (jnp.log(total) + shift) - noisy_target
-
-
-@_noisy_cross_entropy.defjvp
-def _noisy_cross_entropy_jvp(noise, shared_noise, negative, keep_exponentials, primals,
-                             tangents):
-    logits, labels, rng, alpha, sigma, amplitude = primals
-    d_logits, _, _, d_alpha, d_sigma, d_amplitude = tangents
-    # Half-precision logits come in as they are and are widened where they are read, so
-    # that no float32 copy of them is written out.
-    dtype = _compute_dtype(logits.dtype)
-    half_precision = logits.dtype != dtype
-    d_logits = d_logits.astype(dtype)
-    target_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0].astype(dtype)
-
-    def noisy_target_of(target_logit, alpha, sigma, amplitude):
-        return _noisy_target_logit(target_logit, rng, alpha, sigma, amplitude,
-                                   noise=noise, shared_noise=shared_noise, negative=negative)
-
-    # f~_y depends on each example's own f_y and amplitude only, so its derivative in f_y is
-    # the per-example slope that one JVP with a tangent of ones returns.
-    noisy_target, slope = jax.jvp(
-        lambda t: noisy_target_of(t, alpha, sigma, amplitude),
-        (target_logit,), (jnp.ones_like(target_logit),))
-    _, d_noisy_target_rest = jax.jvp(
-        lambda a, s, amp: noisy_target_of(target_logit, a, s, amp),
-        (alpha, sigma, amplitude), (d_alpha, d_sigma, d_amplitude))
-    slope = _computed_once(slope)
-    is_target = _is_target(logits, labels)
-    shift = _log_normalizer_shift(logits, labels, target_logit, noisy_target)
-    logits = logits.astype(dtype)
-    if keep_exponentials:
-        # exp(logits - shift) with the target column then overwritten in place by
-        # exp(f~_y - shift): the [..., classes] loops are exactly Optax's, and the target
-        # column costs one scatter of a value per example.
-        target_exponential = jnp.exp(noisy_target - shift)
-        exponentials = jnp.put_along_axis(
-            jnp.exp(logits - shift[..., None]), labels[..., None],
-            target_exponential[..., None], axis=-1, inplace=False)
-        total = jnp.sum(exponentials, axis=-1)
-        log_normalizer = jnp.log(total) + shift
-        inverse_total = 1 / total
-        probs = exponentials * inverse_total[..., None]
-        target_prob = target_exponential * inverse_total
-        # d loss / d logits is p~ everywhere but on the target column, where it is
-        # (p~_y - 1) d f~_y / d f_y.
-        if half_precision:
-            # One pass that writes the half-precision gradient directly. The target column's
-            # value is a per-example product selected in that pass (probs there is
-            # target_prob, bit for bit): written as (probs - 1) * slope over the whole
-            # array, XLA may materialize that product as a float32 [..., classes] array.
-            target_gradient = (target_prob - 1) * slope
-            d_loss_d_logits = jnp.where(is_target, target_gradient[..., None], probs)
-            d_loss = jnp.sum(d_loss_d_logits * d_logits, axis=-1)
-        else:
-            # p~ plus a per-example correction at the label, which reverse mode adds in
-            # place (the transpose of a gather), as in Optax's loss.
-            d_target = jnp.take_along_axis(d_logits, labels[..., None], axis=-1)[..., 0]
-            d_loss = (jnp.sum(probs * d_logits, axis=-1)
-                      + ((target_prob - 1) * slope - target_prob) * d_target)
-    else:
-        total = jnp.sum(jnp.exp(_noisy_logits(logits, labels, noisy_target) - shift[..., None]),
-                        axis=-1)
-        log_normalizer = jnp.log(total) + shift
-        target_prob = jnp.exp(noisy_target - log_normalizer)
-        probs = jnp.exp(jnp.where(is_target, noisy_target[..., None], logits)
-                        - log_normalizer[..., None])
-        # d loss / d logits: p~ off the target, (p~_y - 1) d f~_y / d f_y on it, in one
-        # elementwise pass (the target's value per example: probs there is target_prob).
-        d_loss_d_logits = jnp.where(is_target, ((target_prob - 1) * slope)[..., None], probs)
-        d_loss = jnp.sum(d_loss_d_logits * d_logits, axis=-1)
-    loss = log_normalizer - noisy_target
-    d_loss = d_loss + (target_prob - 1) * d_noisy_target_rest
-    return loss, d_loss
-
-
-@functools.partial(jax.jit, static_argnames=("noise", "shared_noise", "negative"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def _loss(logits, labels, rng, alpha, sigma, amplitude, where, *, noise, shared_noise,
-          negative):
+          negative, axis):
     dtype = _compute_dtype(logits.dtype)
     alpha, sigma = jnp.asarray(alpha, dtype), jnp.asarray(sigma, dtype)
     if amplitude is not None:
         amplitude = amplitude.astype(dtype)
-    keep_exponentials = jax.default_backend() == "cpu"
-    loss = _noisy_cross_entropy(logits, labels, rng, alpha, sigma, amplitude,
-                                noise, shared_noise, negative, keep_exponentials)
+    loss = _fused.cross_entropy(jnp.moveaxis(logits, axis, -1), labels, rng, alpha, sigma,
+                                amplitude, noise=noise, shared_noise=shared_noise,
+                                negative=negative)
     if where is not None:
         loss = jnp.where(where, loss, jnp.zeros_like(loss))
     return loss
 
 
-def _check_arguments(logits, labels, rng, alpha, amplitude, noise, sigma, where):
-    """Validates and converts the arguments shared by the checked and unchecked loss."""
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _noisy_logits(logits, labels, rng, alpha, sigma, amplitude, *, noise, shared_noise,
+                  negative, axis):
+    return _plain.noisy_logits(logits, labels, rng, alpha, sigma, amplitude, noise=noise,
+                               shared_noise=shared_noise, negative=negative, axis=axis)[0]
+
+
+def _check_arguments(logits, labels, rng, alpha, amplitude, noise, sigma, where, axis):
+    """Validates and converts the arguments shared by the loss, its checked variant and
+    `noisy_logits`; returns them with `axis` made non-negative."""
     logits = _validation.check_floating("logits", logits, "of shape [..., num_classes]")
-    labels = _validation.check_labels(labels, logits)
+    axis = _validation.check_class_axis(axis, logits)
+    labels = _validation.check_labels_along_axis(labels, logits, axis)
     rng = _validation.check_rng(rng)
     alpha = _validation.check_nonnegative_scalar("alpha", alpha)
     sigma = _validation.check_nonnegative_scalar("sigma", sigma)
@@ -271,7 +81,7 @@ def _check_arguments(logits, labels, rng, alpha, amplitude, noise, sigma, where)
     if where is not None:
         where = _validation.check_per_example("where", where, labels, floating=False)
         where = where.astype(bool)
-    return logits, labels, rng, alpha, amplitude, sigma, where
+    return logits, labels, rng, alpha, amplitude, sigma, where, axis
 
 
 def noisy_softmax_cross_entropy(
@@ -286,6 +96,7 @@ def noisy_softmax_cross_entropy(
     where: jax.typing.ArrayLike | None = None,
     shared_noise: bool = False,
     negative: bool = False,
+    axis: int = -1,
 ) -> jax.Array:
     r"""Computes noisy softmax cross-entropy with integer labels.
 
@@ -311,6 +122,13 @@ def noisy_softmax_cross_entropy(
     its features to zero (every logit equal, chance accuracy): watch the
     amplitude in :func:`noisy_softmax_jax.saturation_metrics`.
 
+    This is the fast path: one fused computation that costs what
+    ``optax.softmax_cross_entropy_with_integer_labels`` costs. Prefer it
+    whenever the loss is that plain cross-entropy. To combine the noise with
+    another loss (label smoothing, an ArcFace/CosFace margin, a class-sharded
+    cross-entropy), use :func:`noisy_logits`, which draws the same noise and
+    returns the perturbed logits; it writes one more logits-sized array.
+
     Gradients flow through ``logits`` and ``amplitude`` (and so through the
     norms of the features and of the class weights); :math:`\xi` is a sampled
     constant. With :math:`c = \alpha|\xi|`, autodiff gives the paper's
@@ -329,8 +147,10 @@ def noisy_softmax_cross_entropy(
     ``bfloat16`` and ``float16`` inputs are computed, and returned, in float32.
 
     Args:
-      logits: Unnormalized log probabilities, shape ``[..., num_classes]``.
-      labels: Integer class indices in ``[0, num_classes)``, shape ``[...]``.
+      logits: Unnormalized log probabilities, shape ``[..., num_classes]``
+        (the class axis is ``axis``).
+      labels: Integer class indices in ``[0, num_classes)``, the shape of
+        ``logits`` without the class axis, ``[...]``.
       rng: A PRNG key, typed (``jax.random.key``) or legacy (``uint32[2]``).
         The same key gives the same noise.
       alpha: Non-negative noise scale, a Python float or a scalar array. It is
@@ -354,6 +174,9 @@ def noisy_softmax_cross_entropy(
         one per example (what the first author's Caffe code does).
       negative: If True, the noise raises the target logit instead of lowering
         it: the paper's "negative noise" ablation, reported worse than softmax.
+      axis: The class axis of ``logits``, as in Optax (one axis). Any axis
+        gives the loss of ``jnp.moveaxis(logits, axis, -1)``, noise included;
+        the last one is the fastest (another is moved last first).
 
     Returns:
       Per-example losses, shape ``[...]``, no reduction; float32 for
@@ -377,10 +200,85 @@ def noisy_softmax_cross_entropy(
       DCNN via Postponing the Early Softmax Saturation
       <https://arxiv.org/abs/1708.03769>`_, CVPR 2017.
     """
-    logits, labels, rng, alpha, amplitude, sigma, where = _check_arguments(
-        logits, labels, rng, alpha, amplitude, noise, sigma, where)
-    return _loss(logits, labels, rng, alpha, sigma, amplitude, where,
-                 noise=noise, shared_noise=bool(shared_noise), negative=bool(negative))
+    logits, labels, rng, alpha, amplitude, sigma, where, axis = _check_arguments(
+        logits, labels, rng, alpha, amplitude, noise, sigma, where, axis)
+    return _loss(logits, labels, rng, alpha, sigma, amplitude, where, noise=noise,
+                 shared_noise=bool(shared_noise), negative=bool(negative), axis=axis)
+
+
+def noisy_logits(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    rng: jax.Array,
+    alpha: jax.typing.ArrayLike,
+    *,
+    amplitude: jax.typing.ArrayLike | None = None,
+    noise: str = "annealed",
+    sigma: jax.typing.ArrayLike = 1.0,
+    shared_noise: bool = False,
+    negative: bool = False,
+    axis: int = -1,
+) -> jax.Array:
+    r"""Returns the logits with only the target entry perturbed by the noisy softmax's noise.
+
+    .. math::
+      n_j = f_j \ (j \ne y), \qquad n_y = \tilde f_y
+      = f_y - \alpha\, |\xi|\, (a - f_y), \qquad \xi \sim \mathcal{N}(0, \sigma^2),
+
+    the noisy logits of :func:`noisy_softmax_cross_entropy`, drawn from the
+    same key in the same way, so that
+    ``optax.softmax_cross_entropy_with_integer_labels(noisy_logits(...), labels)``
+    equals ``noisy_softmax_cross_entropy(...)`` with the same arguments (to
+    float32 rounding). Any cross-entropy can consume them: with label
+    smoothing, a margin, or a class-sharded softmax. Gradients flow through
+    ``logits`` and ``amplitude`` as in the loss.
+
+    For the plain integer-label cross-entropy prefer the fused
+    :func:`noisy_softmax_cross_entropy`: this transform writes the noisy
+    logits out (in float32 for half-precision ``logits``) and the consumer
+    reads them again.
+
+    With an additive cosine margin (CosFace, :math:`f_j = s\cos\theta_j`,
+    amplitude :math:`a = s`), add the noise first and subtract the margin
+    :math:`s\,m` from the noisy target after: the annealing factor is then
+    the paper's :math:`a - f_y = s(1 - \cos\theta_y)`, which vanishes as a
+    feature aligns with its class weight. Margin first would make it
+    :math:`s(1 - \cos\theta_y + m)`, a noise that never fades.
+
+    Args:
+      logits: Unnormalized log probabilities, shape ``[..., num_classes]``
+        (the class axis is ``axis``).
+      labels: Integer class indices in ``[0, num_classes)``, the shape of
+        ``logits`` without the class axis.
+      rng, alpha, amplitude, noise, sigma, shared_noise, negative, axis: as in
+        :func:`noisy_softmax_cross_entropy`.
+
+    Returns:
+      The noisy logits, the shape of ``logits``; float32 for half-precision
+      inputs (so that the noisy target is not rounded), else the dtype of
+      ``logits``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from noisy_softmax_jax import noisy_logits, noisy_softmax_cross_entropy
+      >>> logits = jnp.array([[2.0, 1.0, -1.0], [0.5, 3.0, 0.0]])
+      >>> labels, amplitude = jnp.array([0, 1]), jnp.array([4.0, 5.0])
+      >>> noisy = noisy_logits(logits, labels, jax.random.key(0), 0.1, amplitude=amplitude)
+      >>> bool(jnp.all((noisy == logits) == (jnp.arange(3) != labels[:, None])))
+      True
+      >>> loss = noisy_softmax_cross_entropy(
+      ...     logits, labels, jax.random.key(0), 0.1, amplitude=amplitude)
+      >>> bool(jnp.allclose(
+      ...     optax.softmax_cross_entropy_with_integer_labels(noisy, labels), loss))
+      True
+      >>> smoothed = optax.smooth_labels(jax.nn.one_hot(labels, 3), 0.1)
+      >>> optax.softmax_cross_entropy(noisy, smoothed).shape
+      (2,)
+    """
+    logits, labels, rng, alpha, amplitude, sigma, _, axis = _check_arguments(
+        logits, labels, rng, alpha, amplitude, noise, sigma, None, axis)
+    return _noisy_logits(logits, labels, rng, alpha, sigma, amplitude, noise=noise,
+                         shared_noise=bool(shared_noise), negative=bool(negative), axis=axis)
 
 
 def noisy_target_logit(
@@ -424,8 +322,8 @@ def noisy_target_logit(
 
 
 def _loss_with_checks(logits, labels, rng, alpha, sigma, amplitude, where, *, noise,
-                      shared_noise, negative):
-    num_classes = logits.shape[-1]
+                      shared_noise, negative, axis):
+    num_classes = logits.shape[axis]
     out_of_range = (labels < 0) | (labels >= num_classes)
     checkify.check(
         ~jnp.any(out_of_range),
@@ -442,12 +340,12 @@ def _loss_with_checks(logits, labels, rng, alpha, sigma, amplitude, where, *, no
     checkify.check(jnp.isfinite(alpha), "`alpha` must be finite; got {alpha}.", alpha=alpha)
     checkify.check(jnp.isfinite(sigma), "`sigma` must be finite; got {sigma}.", sigma=sigma)
     return _loss(logits, labels, rng, alpha, sigma, amplitude, where, noise=noise,
-                 shared_noise=shared_noise, negative=negative)
+                 shared_noise=shared_noise, negative=negative, axis=axis)
 
 
 _checked_loss = jax.jit(
     checkify.checkify(_loss_with_checks, errors=checkify.user_checks),
-    static_argnames=("noise", "shared_noise", "negative"),
+    static_argnames=_STATIC,
 )
 
 
@@ -463,6 +361,7 @@ def checked_noisy_softmax_cross_entropy(
     where: jax.typing.ArrayLike | None = None,
     shared_noise: bool = False,
     negative: bool = False,
+    axis: int = -1,
 ) -> tuple[checkify.Error, jax.Array]:
     """:func:`noisy_softmax_cross_entropy` with value checks that work under ``jax.jit``.
 
@@ -489,7 +388,7 @@ def checked_noisy_softmax_cross_entropy(
       >>> print(error.get())
       `labels` must lie in [0, 3); found label 7. ...
     """
-    logits, labels, rng, alpha, amplitude, sigma, where = _check_arguments(
-        logits, labels, rng, alpha, amplitude, noise, sigma, where)
+    logits, labels, rng, alpha, amplitude, sigma, where, axis = _check_arguments(
+        logits, labels, rng, alpha, amplitude, noise, sigma, where, axis)
     return _checked_loss(logits, labels, rng, alpha, sigma, amplitude, where, noise=noise,
-                         shared_noise=bool(shared_noise), negative=bool(negative))
+                         shared_noise=bool(shared_noise), negative=bool(negative), axis=axis)

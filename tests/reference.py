@@ -1,4 +1,4 @@
-"""An independent float64 NumPy reference of the noisy softmax loss (PAPER.md, Eq. 5 and 6)."""
+"""An independent float64 NumPy reference of the noisy softmax loss (the paper, Eq. 5 and 6)."""
 
 import numpy as np
 
@@ -16,18 +16,30 @@ def noisy_target(target, abs_xi, alpha, amplitude=None, noise="annealed", negati
     return target + injected if negative else target - injected
 
 
-def noisy_softmax_loss(logits, labels, abs_xi, alpha, amplitude=None, noise="annealed",
-                       negative=False):
-    """-log softmax of the logits with the target replaced by its noisy value."""
+def noisy_logits(logits, labels, abs_xi, alpha, amplitude=None, noise="annealed",
+                 negative=False):
+    """The logits in float64 with the target entry (last axis) replaced by its noisy value."""
     logits = np.asarray(logits, np.float64)
     labels = np.asarray(labels)
     target = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     noisy = noisy_target(target, abs_xi, alpha, amplitude, noise, negative)
     modified = logits.copy()
     np.put_along_axis(modified, labels[..., None], noisy[..., None], axis=-1)
-    top = modified.max(axis=-1, keepdims=True)
-    log_normalizer = np.log(np.exp(modified - top).sum(axis=-1)) + top[..., 0]
-    return log_normalizer - noisy
+    return modified
+
+
+def log_softmax(logits):
+    logits = np.asarray(logits, np.float64)
+    top = logits.max(axis=-1, keepdims=True)
+    return logits - (np.log(np.exp(logits - top).sum(axis=-1, keepdims=True)) + top)
+
+
+def noisy_softmax_loss(logits, labels, abs_xi, alpha, amplitude=None, noise="annealed",
+                       negative=False):
+    """-log softmax of the logits with the target replaced by its noisy value."""
+    modified = noisy_logits(logits, labels, abs_xi, alpha, amplitude, noise, negative)
+    return -np.take_along_axis(log_softmax(modified), np.asarray(labels)[..., None],
+                               axis=-1)[..., 0]
 
 
 def noisy_softmax_target_gradient(logits, labels, abs_xi, alpha, amplitude=None,
@@ -37,11 +49,8 @@ def noisy_softmax_target_gradient(logits, labels, abs_xi, alpha, amplitude=None,
     logits = np.asarray(logits, np.float64)
     labels = np.asarray(labels)
     target = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    noisy = noisy_target(target, abs_xi, alpha, amplitude, noise, negative)
-    modified = logits.copy()
-    np.put_along_axis(modified, labels[..., None], noisy[..., None], axis=-1)
-    probs = np.exp(modified - modified.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
+    probs = np.exp(log_softmax(noisy_logits(logits, labels, abs_xi, alpha, amplitude, noise,
+                                            negative)))
     slope = np.ones_like(target)
     if noise == "annealed":
         active = np.asarray(amplitude, np.float64) - target > 0

@@ -44,6 +44,14 @@ def call(**overrides):
     (dict(rng=jnp.zeros((2,), jnp.float32)), TypeError, r"`rng` must be a JAX PRNG key"),
     (dict(rng=jax.random.split(KEY, 2)), ValueError, r"`rng` must be a single key"),
     (dict(rng=jnp.zeros((3,), jnp.uint32)), ValueError, r"legacy key must have shape \(2,\)"),
+    (dict(axis=2), ValueError,
+     r"`axis` must lie in \[-2, 2\) for logits of shape \(4, 3\); got axis = 2"),
+    (dict(axis=(0, 1)), TypeError, r"`axis` must be an int.*tuple of axes is not supported"),
+    (dict(axis=1.0), TypeError, r"`axis` must be an int"),
+    (dict(axis=0), ValueError,
+     r"`labels` must have shape logits.shape without axis 0 = \(3,\); got labels.shape = \(4,\)"),
+    (dict(axis=0, labels=jnp.array([0, 4, 1])), ValueError,
+     r"`labels` must lie in \[0, 4\) .* labels\[1\] = 4"),
 ])
 def test_eager_bad_input_raises_before_computing(overrides, error, match, monkeypatch):
     def fail(*args, **kwargs):

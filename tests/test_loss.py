@@ -1,4 +1,4 @@
-"""Behaviour of noisy_softmax_cross_entropy against a float64 NumPy reference, Optax, PAPER.md."""
+"""noisy_softmax_cross_entropy against a float64 NumPy reference, Optax and the paper."""
 
 import jax
 import jax.numpy as jnp
@@ -114,8 +114,9 @@ def test_one_noise_per_example_or_one_per_batch():
 
 def test_same_key_same_loss_different_key_different_noise():
     _, _, logits, labels, amplitude = make_batch(3)
-    loss = lambda rng: nsj.noisy_softmax_cross_entropy(logits, labels, rng, 0.1,
-                                                       amplitude=amplitude)
+    def loss(rng):
+        return nsj.noisy_softmax_cross_entropy(logits, labels, rng, 0.1, amplitude=amplitude)
+
     np.testing.assert_array_equal(loss(jax.random.key(5)), loss(jax.random.key(5)))
     assert not np.allclose(loss(jax.random.key(5)), loss(jax.random.key(6)))
 
@@ -129,24 +130,24 @@ def test_legacy_and_typed_keys_draw_the_same_noise():
     np.testing.assert_array_equal(typed, legacy)
 
 
-def test_gradient_matches_closed_form():
+@pytest.mark.parametrize("negative", [False, True])
+@pytest.mark.parametrize("noise", VARIANTS)
+def test_gradient_matches_closed_form(noise, negative):
     _, _, logits, labels, amplitude = make_batch(5, batch=(32,))
     rng = jax.random.key(1)
-    for noise in VARIANTS:
-        for negative in (False, True):
-            def total(lg, noise=noise, negative=negative):
-                return nsj.noisy_softmax_cross_entropy(
-                    lg, labels, rng, 0.3, amplitude=amplitude, noise=noise,
-                    negative=negative).sum()
 
-            grad = jax.jit(jax.grad(total))(logits)
-            expected = reference.noisy_softmax_target_gradient(
-                logits, labels, abs_xi_of(rng, labels.shape), 0.3, amplitude, noise, negative)
-            np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
+    def total(lg):
+        return nsj.noisy_softmax_cross_entropy(
+            lg, labels, rng, 0.3, amplitude=amplitude, noise=noise, negative=negative).sum()
+
+    grad = jax.jit(jax.grad(total))(logits)
+    expected = reference.noisy_softmax_target_gradient(
+        logits, labels, abs_xi_of(rng, labels.shape), 0.3, amplitude, noise, negative)
+    np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_gradient_through_features_and_weights_is_the_papers():
-    # PAPER.md: with c = alpha|xi| held constant,
+    # The paper (Chen, Deng & Du 2017): with c = alpha|xi| held constant,
     #   d f~_y/dx   = (1 + c) W_y - c ||W_y|| x / ||x||
     #   d f~_y/dW_y = (1 + c) x   - c ||x|| W_y / ||W_y||
     with jax.enable_x64(True):
@@ -176,8 +177,10 @@ def test_check_grads_float64(noise):
         _, _, logits, labels, amplitude = make_batch(7, batch=(6,), dtype=jnp.float64)
         amplitude = amplitude.astype(jnp.float64) + 0.5  # away from the clamp's kink
         rng = jax.random.key(3)
-        fn = lambda lg, amp: nsj.noisy_softmax_cross_entropy(
-            lg, labels, rng, 0.2, amplitude=amp, noise=noise)
+        def fn(lg, amp):
+            return nsj.noisy_softmax_cross_entropy(lg, labels, rng, 0.2, amplitude=amp,
+                                                   noise=noise)
+
         check_grads(fn, (logits, amplitude), order=2, modes=["fwd", "rev"], eps=1e-4)
 
 
@@ -236,8 +239,10 @@ def test_where_masks_examples_out():
     _, _, logits, labels, amplitude = make_batch(10, batch=(8,))
     where = jnp.array([True, False] * 4)
     rng = jax.random.key(0)
-    fn = lambda lg, w: nsj.noisy_softmax_cross_entropy(lg, labels, rng, 0.1,
-                                                       amplitude=amplitude, where=w)
+    def fn(lg, w):
+        return nsj.noisy_softmax_cross_entropy(lg, labels, rng, 0.1, amplitude=amplitude,
+                                               where=w)
+
     masked, full = fn(logits, where), fn(logits, None)
     np.testing.assert_array_equal(masked[~where], 0.0)
     np.testing.assert_array_equal(masked[where], full[where])
@@ -249,7 +254,9 @@ def test_where_masks_examples_out():
 def test_vmap_over_a_leading_axis_with_a_key_each():
     _, _, logits, labels, amplitude = make_batch(11, batch=(3, 5))
     keys = jax.random.split(jax.random.key(0), 3)
-    fn = lambda lg, lb, k, amp: nsj.noisy_softmax_cross_entropy(lg, lb, k, 0.1, amplitude=amp)
+    def fn(lg, lb, k, amp):
+        return nsj.noisy_softmax_cross_entropy(lg, lb, k, 0.1, amplitude=amp)
+
     batched = jax.vmap(fn)(logits, labels, keys, amplitude)
     for i in range(3):
         np.testing.assert_allclose(batched[i], fn(logits[i], labels[i], keys[i], amplitude[i]),

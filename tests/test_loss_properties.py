@@ -1,4 +1,4 @@
-"""Property-based tests of the loss: valid input never gives NaN or inf, invalid input raises.
+"""Property tests of the loss: valid input never gives NaN or inf, invalid input always raises.
 
 Hypothesis draws the shapes, dtypes, values, hyperparameters, noise variants and masks. XLA
 compiles once per shape, dtype and static argument, and a compile costs about a second on a
