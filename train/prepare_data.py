@@ -29,6 +29,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from train import errors
+
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 DEFAULT_DATA_DIR = "~/tensorflow_datasets"
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -39,7 +41,7 @@ _FASHION_MNIST_FILES = {
 }
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(errors.RunError, RuntimeError):
     """A dataset is neither prepared nor obtainable; the message says how to get it."""
 
 

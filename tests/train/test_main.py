@@ -1,4 +1,4 @@
-"""Kill `python -m train` and rerun it: the finished run equals one that was never interrupted.
+"""`python -m train` end to end: killed and rerun, it finishes as if never interrupted.
 
 Each test runs the real command line as a subprocess (through tests/mock_data_cli.py, which is
 `python -m train` under `tfds.testing.mock_data`, so no dataset is needed and every process sees
@@ -37,9 +37,9 @@ import time
 import numpy as np
 import pytest
 
-from train import prepare_data, reliability
+from train import checkpointing, preemption, prepare_data
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 NUM_STEPS = 24
 RUN_FLAGS = [
     "--config", "train/configs/default.py",
@@ -263,7 +263,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resume_equals_uninter
     process = start(workdir)
     assert wait_for_step(process, workdir, 5), log_of(workdir)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=TIMEOUT_S) == reliability.EXIT_PREEMPTED, log_of(workdir)
+    assert process.wait(timeout=TIMEOUT_S) == preemption.EXIT_PREEMPTED, log_of(workdir)
     log = log_of(workdir)
     assert "SIGTERM received: saved a checkpoint at step" in log and "Traceback" not in log
     step = int(log.split("saved a checkpoint at step ")[1].split(" ")[0])
@@ -280,7 +280,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, unin
     process = start(workdir)
     assert wait_for_step(process, workdir, 10), log_of(workdir)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=TIMEOUT_S) == reliability.EXIT_PREEMPTED, log_of(workdir)
+    assert process.wait(timeout=TIMEOUT_S) == preemption.EXIT_PREEMPTED, log_of(workdir)
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert len(steps) >= 2, steps
     latest = workdir / "checkpoints" / str(steps[-1])
@@ -297,7 +297,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, unin
     assert f"checkpoint at step {steps[-1]} is damaged" in log and "falling back" in log, log
     assert results["resumed_from_step"] == steps[-2]
     assert results["params_sha256"] == uninterrupted
-    assert (workdir / reliability.DAMAGED_DIR).is_dir()
+    assert (workdir / checkpointing.DAMAGED_DIR).is_dir()
 
 
 # ------------------------------------------------------------------------------ bad command lines
@@ -319,7 +319,7 @@ def assert_clean_failure(result, message, workdir):
     workdir = pathlib.Path(workdir)
     if workdir.exists():
         left = sorted(p.name for p in workdir.iterdir())
-        assert not {"config.json", "checkpoints", reliability.DIGESTS_FILE} & set(left), left
+        assert not {"config.json", "checkpoints", checkpointing.LEGACY_DIGESTS_FILE} & set(left), left
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -398,7 +398,7 @@ def preempted_workdir(tmp_path_factory):
     process = start(workdir)
     assert wait_for_step(process, workdir, 8), log_of(workdir)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=TIMEOUT_S) == reliability.EXIT_PREEMPTED, log_of(workdir)
+    assert process.wait(timeout=TIMEOUT_S) == preemption.EXIT_PREEMPTED, log_of(workdir)
     return workdir, max(saved_steps(workdir))
 
 
