@@ -274,6 +274,31 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resume_equals_uninter
     assert results["params_sha256"] == uninterrupted
 
 
+def test_ctrl_c_saves_through_the_same_path_then_resume_equals_uninterrupted(
+        tmp_path, uninterrupted):
+    workdir = tmp_path / "run"
+    process = start(workdir, "--config.checkpoint_every_steps=1000")  # no periodic save
+    assert wait_for_step(process, workdir, 5), log_of(workdir)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=TIMEOUT_S) != 0, log_of(workdir)
+    log = log_of(workdir)
+    # The interrupt lands between steps (the state is whole: saved) or inside one (the donated
+    # state is gone: nothing to save, the warning says so).
+    if "Interrupted: checkpoint at step" in log:
+        step = int(log.split("Interrupted: checkpoint at step ")[1].split(";")[0])
+        assert step >= 5 and saved_steps(workdir) == [step]
+        # Saved like any other: with its digest and training time in the checkpoint metadata.
+        metadata = json.loads(
+            (workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").read_text())
+        assert {"state_sha256", "train_time_s", "timed_steps"} <= set(metadata["custom_metadata"])
+    else:
+        assert "resuming from the last periodic checkpoint" in log, log[-4000:]
+        step = 0
+    results = run_to_completion(workdir)
+    assert results["resumed_from_step"] == step
+    assert results["params_sha256"] == uninterrupted
+
+
 @pytest.mark.parametrize("damage", ["truncate", pytest.param("garble", marks=pytest.mark.slow)])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted, damage):
     workdir = tmp_path / "run"
