@@ -10,6 +10,7 @@
   remove_stale_temporaries
                       at start, removes the temporary files of atomic writes whose writer was
                       killed before it could rename them.
+  check_workdir       a workdir that cannot be written fails before any work is done.
 """
 
 from __future__ import annotations

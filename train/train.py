@@ -58,12 +58,23 @@ class Progress:
             mininterval=1.0,  # fewer redraws: logs of non-interactive runs stay short
         )
 
+    def advance(self) -> None:
+        """One step done."""
+        self.bar.update(1)
+
+    def show(self, **postfix: str) -> None:
+        """Shows `postfix` (the latest training figures) after the bar."""
+        self.bar.set_postfix(**postfix)
+
     def report(self, line: str) -> None:
         """Prints `line` above the bar, or logs it where there is no bar."""
         if self.shown:
             self.bar.write(line)
         else:
             logging.info(line)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class TrainLog:
@@ -85,7 +96,7 @@ class TrainLog:
 
     def add(self, metrics: dict[str, jax.Array]) -> None:
         self._pending.append(metrics)
-        self.progress.bar.update(1)
+        self.progress.advance()
 
     def check_finite(self, last_checkpoint: int | None) -> None:
         """Raises health.NonFiniteLossError if a step of the interval so far had a bad loss."""
@@ -101,7 +112,7 @@ class TrainLog:
         self.train_time += TrainTime(elapsed, len(metrics))
         means["images_per_sec"] = len(metrics) * self.batch_size / elapsed
         self.writer.write(step, "train", means)
-        self.progress.bar.set_postfix(
+        self.progress.show(
             loss=f"{means['loss']:.4f}",
             acc=f"{means['accuracy']:.3f}",
             img_s=f"{means['images_per_sec']:.0f}",
@@ -278,7 +289,7 @@ def train_and_evaluate(
                 save_on_interrupt(checkpoints, state, train_log)
                 raise
             finally:
-                progress.bar.close()
+                progress.close()
                 checkpoints.wait_until_finished()
 
         if not eval_metrics:  # nothing left to train: the run had finished; evaluate again
