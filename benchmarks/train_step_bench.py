@@ -24,8 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import _timing  # noqa: E402
-from train import input_pipeline  # noqa: E402
-from train import train as train_lib  # noqa: E402
+from train import (
+    input_pipeline,  # noqa: E402
+    steps,  # noqa: E402
+)
 from train.configs import cifar10, default, mnist_paper  # noqa: E402
 
 # model name -> (config module, the config's own global batch size is used unless overridden)
@@ -37,7 +39,7 @@ MODELS = {
 
 
 def build(config, num_steps):
-    functions = train_lib.jitted_functions(config, num_steps, jax.devices())
+    functions = steps.jitted_functions(config, num_steps, jax.devices())
     return functions, functions.init()
 
 

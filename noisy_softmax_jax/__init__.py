@@ -1,7 +1,7 @@
 """Noisy Softmax (Chen, Deng & Du, CVPR 2017) for JAX: the loss, a Flax head, diagnostics."""
 
 from noisy_softmax_jax.amplitude import KERNEL_LAYOUTS, safe_norm, target_amplitude
-from noisy_softmax_jax.diagnostics import saturation_metrics
+from noisy_softmax_jax.diagnostics import saturation_metrics, top_class_fraction
 from noisy_softmax_jax.head import HeadOutput, NoisySoftmaxHead, head_output
 from noisy_softmax_jax.loss import (
     NOISE_VARIANTS,
@@ -28,4 +28,5 @@ __all__ = [
     "safe_norm",
     "saturation_metrics",
     "target_amplitude",
+    "top_class_fraction",
 ]

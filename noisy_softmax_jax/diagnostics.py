@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from noisy_softmax_jax import _validation
 from noisy_softmax_jax import loss as loss_lib
 
-__all__ = ["saturation_metrics"]
+__all__ = ["saturation_metrics", "top_class_fraction"]
 
 
 def _masked_mean(x: jax.Array, where: jax.Array | None) -> jax.Array:
@@ -133,3 +133,32 @@ def _saturation_metrics(logits, labels, amplitude, rng, alpha, sigma, where, thr
             amplitude > 0, target / jnp.where(amplitude > 0, amplitude, 1.0), 0.0)
     return {name: _masked_mean(value, where).astype(jnp.float32)
             for name, value in metrics.items()}
+
+
+def top_class_fraction(logits: jax.typing.ArrayLike) -> jax.Array:
+    r"""Fraction of the batch predicted as its most frequent predicted class.
+
+    .. math::
+        \max_c \frac{1}{N} \sum_{i=1}^{N} [\arg\max_k z_{ik} = c]
+
+    1.0 means every example is predicted as one class: with chance accuracy, the sign of the
+    collapse too large an alpha causes (the network shrinks its features until every logit is
+    equal). `1 / num_classes` is its least value.
+
+    Args:
+      logits: unnormalized scores, shape ``[..., num_classes]``; every leading axis counts as
+        a batch axis.
+
+    Returns:
+      A scalar in ``[1 / num_classes, 1]`` (0.0 for an empty batch).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from noisy_softmax_jax import top_class_fraction
+      >>> float(top_class_fraction(jnp.array([[2.0, 0.0], [1.0, 0.0], [0.0, 3.0], [5.0, 1.0]])))
+      0.75
+    """
+    logits = jnp.asarray(logits)
+    predictions = jnp.argmax(logits, axis=-1).reshape(-1)
+    counts = jnp.zeros((logits.shape[-1],), jnp.int32).at[predictions].add(1)
+    return jnp.max(counts) / jnp.maximum(predictions.size, 1)

@@ -82,3 +82,17 @@ def test_where_excludes_examples():
     subset = nsj.saturation_metrics(logits[:10], labels[:10], amplitude=amplitude[:10])
     for name in subset:
         np.testing.assert_allclose(masked[name], subset[name], rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("shape, num_classes", [((64,), 10), ((4, 16), 3), ((1,), 2)])
+def test_top_class_fraction_matches_numpy(shape, num_classes):
+    logits = jax.random.normal(jax.random.key(sum(shape)), (*shape, num_classes))
+    predictions = np.argmax(np.asarray(logits), -1).reshape(-1)
+    expected = np.bincount(predictions, minlength=num_classes).max() / predictions.size
+    assert float(jax.jit(nsj.top_class_fraction)(logits)) == pytest.approx(expected)
+
+
+def test_top_class_fraction_of_one_predicted_class_is_one():
+    assert float(nsj.top_class_fraction(jnp.zeros((8, 10)))) == 1.0  # ties go to class 0
+    logits = jnp.array([[1.0, 0.0, 0.0], [2.0, 0.0, 1.0], [0.0, 3.0, 0.0], [5.0, 0.0, 0.0]])
+    assert float(nsj.top_class_fraction(logits)) == 0.75

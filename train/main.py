@@ -56,29 +56,18 @@ def main(argv):
 
     if FLAGS.distributed:
         jax.distributed.initialize()
-    from train import prepare_data, train  # pylint: disable=g-import-not-at-top
-
     logging.info(
         "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )
-    from train import reliability  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top  # after jax.distributed.initialize
+    from train import errors, files, train
 
-    reliability.quiet_disk_full_tracebacks()
+    files.quiet_disk_full_tracebacks()
     try:
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except reliability.Preempted as preempted:
-        print(f"stopped: {preempted}", file=sys.stderr)
-        sys.exit(reliability.EXIT_PREEMPTED)
-    except (
-        train.ConfigError,
-        train.WorkdirError,
-        prepare_data.DataUnavailableError,
-        reliability.CheckpointError,
-        reliability.DiskFullError,
-        reliability.NonFiniteLossError,
-        reliability.TrainingCollapsedError,
-    ) as error:
-        sys.exit(f"error: {error}")
+    except errors.RunError as error:
+        print(f"{error.prefix}: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
     if jax.process_index() == 0:
         print(json.dumps(results, indent=2))
         print(

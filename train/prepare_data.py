@@ -30,6 +30,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from train import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
@@ -57,7 +59,7 @@ _FASHION_MNIST_FILES = {
 }
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(errors.RunError, RuntimeError):
     """A dataset is neither prepared nor obtainable; the message says how to get it."""
 
 

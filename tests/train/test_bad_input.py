@@ -5,9 +5,10 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import pytest
 
-from train import train
+from train import config_checks, errors, input_pipeline, steps, train
 from train.configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,24 +48,32 @@ def config_with(**overrides):
 )
 def test_bad_config_fails_before_compiling(tmp_path, monkeypatch, overrides, message):
     config = config_with(**overrides)
-    with pytest.raises(train.ConfigError, match=message):
-        train.validate_config(config, num_devices=8, num_processes=1)
+    with pytest.raises(errors.ConfigError, match=message):
+        config_checks.validate_config(config, num_devices=8, num_processes=1)
 
     # train_and_evaluate checks first: no data is read and nothing is built or compiled.
     def must_not_run(*args, **kwargs):
         raise AssertionError("reached data loading or compilation with a bad config")
 
-    monkeypatch.setattr(train.input_pipeline, "load_split", must_not_run)
-    monkeypatch.setattr(train, "jitted_functions", must_not_run)
-    with pytest.raises(train.ConfigError, match=message):
+    monkeypatch.setattr(input_pipeline, "load_split", must_not_run)
+    monkeypatch.setattr(steps, "jitted_functions", must_not_run)
+    with pytest.raises(errors.ConfigError, match=message):
         train.train_and_evaluate(config, str(tmp_path / "workdir"), devices=jax.devices()[:8])
     assert not (tmp_path / "workdir").exists()
+
+
+def test_stop_norm_gradient_must_be_a_bool():
+    # A ConfigDict keeps a key's type on assignment; one built from a dict does not.
+    config = ml_collections.ConfigDict({**default.get_config().to_dict(), "stop_norm_gradient": 1})
+    with pytest.raises(errors.ConfigError,
+                       match=r"config\.stop_norm_gradient=1 is invalid: it must be True or False"):
+        config_checks.validate_config(config, num_devices=8, num_processes=1)
 
 
 def test_unwritable_workdir_fails_at_start(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(train.WorkdirError, match="not writable"):
+    with pytest.raises(errors.WorkdirError, match="not writable"):
         train.train_and_evaluate(default.get_config(), str(blocker / "workdir"))
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from noisy_softmax_jax import HeadOutput
 from tests.train import fake_runs
-from train import compare, sweeps
+from train import compare, steps, sweeps
 from train import train as train_lib
 
 
@@ -27,7 +27,7 @@ def test_stop_norm_gradient_leaves_only_the_gradient_through_the_logits():
 
         def loss(feature_norm, class_norm, logits):
             output = HeadOutput(logits, feature_norm, class_norm)
-            return train_lib.compute_losses(config, output, labels, jax.random.key(0), 1.0).sum()
+            return steps.compute_losses(config, output, labels, jax.random.key(0), 1.0).sum()
 
         return jax.grad(loss, argnums=(0, 1, 2))(*norms, logits)
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from train import train as train_lib
+from train import config_checks, errors
 from train.configs import default
 
 
@@ -18,11 +18,11 @@ def _old_workdir(tmp_path, **changes):
 
 
 def test_a_workdir_from_before_a_new_key_resumes_with_its_default(tmp_path):
-    train_lib.check_or_write_config(default.get_config(), _old_workdir(tmp_path), write=False)
+    config_checks.check_or_write_config(default.get_config(), _old_workdir(tmp_path), write=False)
 
 
 def test_a_workdir_from_before_a_new_key_refuses_a_non_default_value(tmp_path):
     config = default.get_config()
     config.stop_norm_gradient = True
-    with pytest.raises(train_lib.WorkdirError, match="stop_norm_gradient: False there, True now"):
-        train_lib.check_or_write_config(config, _old_workdir(tmp_path), write=False)
+    with pytest.raises(errors.WorkdirError, match="stop_norm_gradient: False there, True now"):
+        config_checks.check_or_write_config(config, _old_workdir(tmp_path), write=False)

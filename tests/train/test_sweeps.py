@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from train import sweeps
-from train import train as train_lib
+from train import config_checks, sweeps
 from train.configs import default
 
 
@@ -21,7 +20,7 @@ def test_plan_is_seed_major_and_filters():
 @pytest.mark.parametrize("name", list(sweeps.CONFIGURATIONS))
 def test_every_configuration_is_a_valid_config(name):
     config = sweeps.run_config(sweeps.Run("fashion_mnist", name, 2), data_dir="/tmp/data")
-    train_lib.validate_config(config, num_devices=1, num_processes=1)
+    config_checks.validate_config(config, num_devices=1, num_processes=1)
     assert (config.dataset, config.seed, config.data_dir) == ("fashion_mnist", 2, "/tmp/data")
     assert set(config.keys()) == set(default.get_config().keys())
     for key, value in sweeps.CONFIGURATIONS[name].items():

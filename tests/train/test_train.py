@@ -1,4 +1,5 @@
-"""The training loop under `tfds.testing.mock_data`: one step, a short run, resume, sharding."""
+"""The training loop of train/train.py under `tfds.testing.mock_data`: a short run, resume
+(also of a workdir written before the checkpoint metadata), sharding."""
 
 import json
 import os
@@ -6,12 +7,10 @@ import shutil
 import subprocess
 
 import jax
-import numpy as np
-import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from train import input_pipeline, models, train
+from train import checkpointing, config_checks, errors, train
 from train.configs import default
 
 
@@ -44,50 +43,23 @@ def mock_mnist():
         yield
 
 
-@pytest.mark.parametrize(
-    "loss",
-    # The baselines compile a train step each: slow on a shared CPU, so only noisy runs fast.
-    [
-        pytest.param(name, marks=() if name == "noisy" else pytest.mark.slow)
-        for name in train.LOSSES
-    ],
-)
-def test_one_train_step(tmp_path, mock_mnist, loss):
-    config = tiny_config(tmp_path, loss=loss)
-    images, labels = input_pipeline.load_split("mnist", "train", config.data_dir, prepare=False)
-    model = models.create_model(config.model, num_classes=10)
-    learning_rate = train.learning_rate_schedule(config, 4)
-    state = train.create_train_state(
-        config, model, train.create_optimizer(config, learning_rate), (28, 28, 1)
-    )
-    step = jax.jit(
-        lambda s, x, y: train.train_step(
-            s,
-            x,
-            y,
-            config=config,
-            learning_rate=learning_rate,
-            alpha_fn=train.alpha_schedule(config, 4),
-        )
-    )
-    new_state, metrics = step(state, images[:16], labels[:16])
-    assert int(new_state.step) == 1
-    assert new_state.key_data.dtype == np.uint32  # raw key data, no typed key in the state
-    for name in ("loss", "accuracy", "learning_rate", "alpha", "target_prob", "saturated_fraction"):
-        assert np.isfinite(metrics[name]), name
-    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), state.params, new_state.params)
-    assert all(jax.tree.leaves(changed))
+def train_time_at(workdir, step):
+    """The training time recorded with the checkpoint of `step`."""
+    checkpoints = checkpointing.Checkpoints(str(workdir), max_to_keep=5)
+    try:
+        return checkpointing.TrainTime.from_record(checkpoints.record(step))
+    finally:
+        checkpoints.close()
 
 
-def test_noise_key_is_folded_with_the_step(tmp_path):
-    config = tiny_config(tmp_path)
-    state = train.create_train_state(
-        config, models.create_model("small_cnn", 10), optax.sgd(0.1), (28, 28, 1)
-    )
-    key0, key1 = state.step_key(), state.replace(step=state.step + 1).step_key()
-    assert not np.array_equal(jax.random.key_data(key0), jax.random.key_data(key1))
-    expected = jax.random.fold_in(jax.random.wrap_key_data(state.key_data), 1)
-    np.testing.assert_array_equal(jax.random.key_data(key1), jax.random.key_data(expected))
+def strip_records(workdir, step):
+    """Empties the custom metadata of a checkpoint, as the code before it wrote them; returns
+    what it held."""
+    path = workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA"
+    metadata = json.loads(path.read_text())
+    record, metadata["custom_metadata"] = metadata["custom_metadata"], {}
+    path.write_text(json.dumps(metadata))
+    return record
 
 
 def _read_jsonl(path):
@@ -141,11 +113,12 @@ def test_short_train_and_evaluate_writes_its_outputs(finished_run):
     assert any(r["kind"] == "eval" and "test_accuracy" in r for r in records)
     assert os.listdir(workdir / "tensorboard")
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
-    # The training time beside each checkpoint: at step 3 that of the interval logged at 2.
-    times = train.read_train_times(str(workdir))
-    assert sorted(times) == ["3", "6"]
-    assert times["3"]["timed_steps"] == 2 and times["6"]["timed_steps"] == 6
-    assert 0 < times["3"]["train_time_s"] < times["6"]["train_time_s"] == results["train_time_s"]
+    # The training time saved with each checkpoint: at step 3 that of the interval logged at 2.
+    times = {step: train_time_at(workdir, step) for step in (3, 6)}
+    assert times[3].timed_steps == 2 and times[6].timed_steps == 6
+    assert 0 < times[3].seconds < times[6].seconds == results["train_time_s"]
+    assert sorted(os.listdir(workdir)) == [
+        "checkpoints", "config.json", "metrics.jsonl", "results.json", "tensorboard"]
     assert results["images_per_sec"] == pytest.approx(6 * 16 / results["train_time_s"])
     assert results["train_time_complete"]
 
@@ -172,11 +145,11 @@ def test_a_resumed_run_reports_the_training_time_of_all_its_invocations(
     interrupted = tmp_path / "interrupted"
     shutil.copytree(workdir, interrupted)
     shutil.rmtree(interrupted / "checkpoints" / "6")
-    before = train.read_train_times(str(interrupted))["3"]
+    before = train_time_at(interrupted, 3)
     resumed = train.train_and_evaluate(config, str(interrupted))
     # Steps 4-6 ran in two log intervals (4, then 5-6): 3 timed steps added to the 2 before.
-    assert resumed["train_time_s"] > before["train_time_s"]
-    assert train.read_train_times(str(interrupted))["6"]["timed_steps"] == 2 + 3
+    assert resumed["train_time_s"] > before.seconds
+    assert train_time_at(interrupted, 6).timed_steps == 2 + 3
     assert resumed["images_per_sec"] == pytest.approx(5 * 16 / resumed["train_time_s"])
     assert resumed["train_time_complete"]
     # A rerun of the finished run trains nothing and reports the time the run took.
@@ -185,16 +158,18 @@ def test_a_resumed_run_reports_the_training_time_of_all_its_invocations(
     assert again["train_time_s"] == resumed["train_time_s"]
     assert again["images_per_sec"] == resumed["images_per_sec"]
     # A checkpoint without a recorded time (a run from before the record): said so.
-    os.remove(interrupted / train.TRAIN_TIME_FILE)
+    strip_records(interrupted, 6)
     unknown = train.train_and_evaluate(config, str(interrupted))
     assert not unknown["train_time_complete"]
     assert unknown["params_sha256"] == uninterrupted["params_sha256"]
 
 
 def test_resume_refuses_a_different_config(tmp_path):
-    train.check_or_write_config(tiny_config(tmp_path), str(tmp_path), write=True)
-    with pytest.raises(train.WorkdirError, match="alpha: 0.1 there, 0.2 now"):
+    config_checks.check_or_write_config(tiny_config(tmp_path), str(tmp_path), write=True)
+    with pytest.raises(errors.WorkdirError, match="alpha: 0.1 there, 0.2 now"):
         train.train_and_evaluate(tiny_config(tmp_path, alpha=0.2), str(tmp_path))
+    with pytest.raises(errors.WorkdirError, match="stop_norm_gradient: False there, True now"):
+        train.train_and_evaluate(tiny_config(tmp_path, stop_norm_gradient=True), str(tmp_path))
 
 
 @pytest.mark.slow
@@ -216,38 +191,29 @@ def test_eight_devices_match_one_device(finished_run, tmp_path, mock_mnist):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("config_name", "image_shape"), [("mnist_paper", (28, 28, 1)), ("cifar10_plus", (32, 32, 3))]
-)
-def test_paper_configs_take_a_train_step(config_name, image_shape):
-    """The VGG nets (batch norm) and the on-device CIFAR-10+ augmentation inside the step."""
-    import importlib
-
-    config = importlib.import_module(f"train.configs.{config_name}").get_config("runlocal")
-    info = input_pipeline.DATASETS[config.dataset]
-    model = models.create_model(config.model, info.num_classes)
-    learning_rate = train.learning_rate_schedule(config, config.num_steps)
-    state = train.create_train_state(
-        config, model, train.create_optimizer(config, learning_rate), image_shape
-    )
-    assert state.batch_stats  # the VGG nets use batch norm
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (8, *image_shape), dtype=np.uint8)
-    labels = rng.integers(0, info.num_classes, 8).astype(np.int32)
-    step = jax.jit(
-        lambda s, x, y: train.train_step(
-            s,
-            x,
-            y,
-            config=config,
-            learning_rate=learning_rate,
-            alpha_fn=train.alpha_schedule(config, config.num_steps),
-        )
-    )
-    new_state, metrics = step(state, images, labels)
-    assert np.isfinite(metrics["loss"])
-    moved = jax.tree.map(
-        lambda a, b: not np.allclose(a, b), state.batch_stats, new_state.batch_stats
-    )
-    assert all(jax.tree.leaves(moved))
+@pytest.mark.parametrize("side_files", [True, False])
+def test_a_workdir_from_before_the_checkpoint_metadata_resumes(
+        finished_run, tmp_path, mock_mnist, side_files):
+    """Digests and training times in `checkpoint_digests.json` and `train_time.json`, a
+    config.json without the keys added since: it resumes, and the records still count."""
+    config, workdir, uninterrupted = finished_run
+    old = tmp_path / "old"
+    shutil.copytree(workdir, old)
+    shutil.rmtree(old / "checkpoints" / "6")
+    record = strip_records(old, 3)
+    if side_files:
+        (old / checkpointing.LEGACY_DIGESTS_FILE).write_text(
+            json.dumps({"3": record["state_sha256"]}))
+        (old / checkpointing.LEGACY_TRAIN_TIME_FILE).write_text(json.dumps(
+            {"3": {"train_time_s": record["train_time_s"], "timed_steps": record["timed_steps"]}}))
+    saved_config = json.loads((old / "config.json").read_text())
+    del saved_config["stop_norm_gradient"]
+    (old / "config.json").write_text(json.dumps(saved_config))
+    resumed = train.train_and_evaluate(config, str(old))
+    assert resumed["resumed_from_step"] == 3
+    assert resumed["params_sha256"] == uninterrupted["params_sha256"]
+    assert resumed["train_time_complete"] == side_files
+    if side_files:
+        assert resumed["train_time_s"] > record["train_time_s"]
+        assert train_time_at(old, 6).timed_steps == record["timed_steps"] + 3
+    assert json.loads((old / "config.json").read_text())["stop_norm_gradient"] is False

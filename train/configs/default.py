@@ -1,7 +1,7 @@
 """Default config: the small MNIST CNN with noisy softmax, ~5 minutes on 2 CPU cores.
 
 Every other config starts from this one and changes a few fields, so the keys here are the
-complete set that `train.train.validate_config` accepts.
+complete set that `train.config_checks.validate_config` accepts.
 """
 
 import ml_collections
@@ -28,8 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.shared_noise = False  # one |xi| per mini-batch, as in the authors' Caffe code
     config.negative = False  # raise the target logit instead (the paper's negative ablation)
     config.label_smoothing = 0.1  # used by loss=label_smoothing only
-    # Stop the gradient through ||W_y|| and ||x|| (the head's norms) before the loss: the
-    # amplitude of the noise enters as a constant (an ablation of train.compare's alpha range).
+    # The amplitude ||W_y|| ||x|| as a constant: no gradient through the head's norms (the
+    # logits still get theirs). Used by loss=noisy only.
     config.stop_norm_gradient = False
 
     # Optimization: SGD with momentum and weight decay.
@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 500
     config.max_checkpoints_to_keep = 2
     config.progress_bar = True
-    # Reliability guards (train/reliability.py): stop on a NaN/inf loss, and on a collapsed run
+    # Health checks (train/health.py): stop on a NaN/inf loss, and on a collapsed run
     # (chance accuracy with the amplitude gone to ~0 or one predicted class). Turn off to study
     # the failure itself, e.g. in alpha-range sweeps.
     config.stop_on_non_finite = True

@@ -1,4 +1,4 @@
-"""Kill `python -m train` and rerun it: the finished run equals one that was never interrupted.
+"""`python -m train` end to end: killed and rerun, it finishes as if never interrupted.
 
 Each test runs the real command line as a subprocess (through tests/mock_data_cli.py, which is
 `python -m train` under `tfds.testing.mock_data`, so no dataset is needed and every process sees
@@ -37,9 +37,9 @@ import time
 import numpy as np
 import pytest
 
-from train import prepare_data, reliability
+from train import checkpointing, preemption, prepare_data
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 NUM_STEPS = 24
 RUN_FLAGS = [
     "--config", "train/configs/default.py",
@@ -263,12 +263,37 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resume_equals_uninter
     process = start(workdir)
     assert wait_for_step(process, workdir, 5), log_of(workdir)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=TIMEOUT_S) == reliability.EXIT_PREEMPTED, log_of(workdir)
+    assert process.wait(timeout=TIMEOUT_S) == preemption.EXIT_PREEMPTED, log_of(workdir)
     log = log_of(workdir)
     assert "SIGTERM received: saved a checkpoint at step" in log and "Traceback" not in log
     step = int(log.split("saved a checkpoint at step ")[1].split(" ")[0])
     assert step >= 5 and (workdir / "checkpoints" / str(step)).is_dir()
     assert not (workdir / "results.json").exists()
+    results = run_to_completion(workdir)
+    assert results["resumed_from_step"] == step
+    assert results["params_sha256"] == uninterrupted
+
+
+def test_ctrl_c_saves_through_the_same_path_then_resume_equals_uninterrupted(
+        tmp_path, uninterrupted):
+    workdir = tmp_path / "run"
+    process = start(workdir, "--config.checkpoint_every_steps=1000")  # no periodic save
+    assert wait_for_step(process, workdir, 5), log_of(workdir)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=TIMEOUT_S) != 0, log_of(workdir)
+    log = log_of(workdir)
+    # The interrupt lands between steps (the state is whole: saved) or inside one (the donated
+    # state is gone: nothing to save, the warning says so).
+    if "Interrupted: checkpoint at step" in log:
+        step = int(log.split("Interrupted: checkpoint at step ")[1].split(";")[0])
+        assert step >= 5 and saved_steps(workdir) == [step]
+        # Saved like any other: with its digest and training time in the checkpoint metadata.
+        metadata = json.loads(
+            (workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").read_text())
+        assert {"state_sha256", "train_time_s", "timed_steps"} <= set(metadata["custom_metadata"])
+    else:
+        assert "resuming from the last periodic checkpoint" in log, log[-4000:]
+        step = 0
     results = run_to_completion(workdir)
     assert results["resumed_from_step"] == step
     assert results["params_sha256"] == uninterrupted
@@ -280,7 +305,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, unin
     process = start(workdir)
     assert wait_for_step(process, workdir, 10), log_of(workdir)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=TIMEOUT_S) == reliability.EXIT_PREEMPTED, log_of(workdir)
+    assert process.wait(timeout=TIMEOUT_S) == preemption.EXIT_PREEMPTED, log_of(workdir)
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert len(steps) >= 2, steps
     latest = workdir / "checkpoints" / str(steps[-1])
@@ -297,7 +322,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, unin
     assert f"checkpoint at step {steps[-1]} is damaged" in log and "falling back" in log, log
     assert results["resumed_from_step"] == steps[-2]
     assert results["params_sha256"] == uninterrupted
-    assert (workdir / reliability.DAMAGED_DIR).is_dir()
+    assert (workdir / checkpointing.DAMAGED_DIR).is_dir()
 
 
 # ------------------------------------------------------------------------------ bad command lines
@@ -319,7 +344,8 @@ def assert_clean_failure(result, message, workdir):
     workdir = pathlib.Path(workdir)
     if workdir.exists():
         left = sorted(p.name for p in workdir.iterdir())
-        assert not {"config.json", "checkpoints", reliability.DIGESTS_FILE} & set(left), left
+        written = {"config.json", "checkpoints", checkpointing.LEGACY_DIGESTS_FILE}
+        assert not written & set(left), left
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -398,7 +424,7 @@ def preempted_workdir(tmp_path_factory):
     process = start(workdir)
     assert wait_for_step(process, workdir, 8), log_of(workdir)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=TIMEOUT_S) == reliability.EXIT_PREEMPTED, log_of(workdir)
+    assert process.wait(timeout=TIMEOUT_S) == preemption.EXIT_PREEMPTED, log_of(workdir)
     return workdir, max(saved_steps(workdir))
 
 
