@@ -1,0 +1,315 @@
+"""fused_noisy_softmax_cross_entropy against the materialised loss on `features @ kernel`.
+
+The reference is the main loss on materialised logits with the amplitude from
+`target_amplitude`: the same noise for the same key, so values and gradients must agree
+to rounding. Sharded runs use the 8 emulated CPU devices of tests/conftest.py.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+
+import noisy_softmax_jax as nsj
+from noisy_softmax_jax import large_class
+
+VARIANTS = ["annealed", "amplitude", "free"]
+
+
+def make_problem(seed, batch=12, dim=8, num_classes=37, dtype=jnp.float32, scale=1.0):
+    k_x, k_w, k_y = jax.random.split(jax.random.key(seed), 3)
+    features = scale * jax.random.normal(k_x, (batch, dim), jnp.float32)
+    kernel = 2.0 * jax.random.normal(k_w, (dim, num_classes), jnp.float32) / np.sqrt(dim)
+    labels = jax.random.randint(k_y, (batch,), 0, num_classes)
+    return features.astype(dtype), kernel.astype(dtype), labels
+
+
+def materialised(features, kernel, labels, rng, alpha, **kwargs):
+    return nsj.noisy_softmax_cross_entropy(
+        features @ kernel, labels, rng, alpha,
+        amplitude=nsj.target_amplitude(features, kernel, labels), **kwargs)
+
+
+def value_and_grads(loss_fn, features, kernel, alpha=0.3, weights=None):
+    """Per-example losses, and the gradients of a weighted sum (every row counts differently)."""
+    if weights is None:
+        weights = jnp.linspace(0.5, 1.5, features.shape[0], dtype=jnp.float32)
+
+    def total(features, kernel, alpha):
+        loss = loss_fn(features, kernel, alpha)
+        return jnp.sum(loss * weights.astype(loss.dtype)), loss
+
+    alpha = jnp.asarray(alpha, jnp.promote_types(features.dtype, jnp.float32))
+    grads, loss = jax.jit(jax.grad(total, argnums=(0, 1, 2), has_aux=True))(
+        features, kernel, alpha)
+    return loss, grads
+
+
+def assert_close(actual, expected, rtol):
+    """Relative agreement, elementwise, with an absolute floor at rtol times the largest value."""
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        e = np.asarray(e, np.float64)
+        np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol,
+                                   atol=rtol * max(np.max(np.abs(e)), 1e-30))
+
+
+def both(features, kernel, labels, rng, chunk_size=5, **kwargs):
+    fused = lambda f, k, a: nsj.fused_noisy_softmax_cross_entropy(
+        f, k, labels, rng, a, chunk_size=chunk_size, **kwargs)
+    reference = lambda f, k, a: materialised(f, k, labels, rng, a, **kwargs)
+    return fused, reference
+
+
+def compare(features, kernel, labels, rng, *, rtol=1e-5, alpha=0.3, **kwargs):
+    """Fused against materialised: losses and gradients (features, kernel, alpha) to rtol."""
+    fused, reference = both(features, kernel, labels, rng, **kwargs)
+    loss, grads = value_and_grads(fused, features, kernel, alpha)
+    expected_loss, expected_grads = value_and_grads(reference, features, kernel, alpha)
+    assert_close(loss, expected_loss, rtol)
+    assert_close(grads, expected_grads, rtol)
+    return loss, grads
+
+
+@pytest.mark.parametrize("noise", VARIANTS)
+@pytest.mark.parametrize("shared_noise, negative", [(False, False), (True, False), (False, True)])
+def test_matches_materialised_float32(noise, shared_noise, negative):
+    features, kernel, labels = make_problem(0)
+    loss, _ = compare(features, kernel, labels, jax.random.key(7), noise=noise,
+                      shared_noise=shared_noise, negative=negative, sigma=1.5)
+    assert loss.dtype == jnp.float32 and loss.shape == (12,)
+
+
+@pytest.mark.parametrize("noise", VARIANTS)
+def test_matches_materialised_float64(noise):
+    with jax.enable_x64(True):
+        features, kernel, labels = make_problem(1, dtype=jnp.float64)
+        loss, grads = compare(features, kernel, labels, jax.random.key(8), rtol=1e-12,
+                              noise=noise)
+        assert loss.dtype == jnp.float64 and grads[1].dtype == jnp.float64
+
+
+def test_alpha_zero_is_optax():
+    features, kernel, labels = make_problem(2)
+    fused = lambda f, k, a: nsj.fused_noisy_softmax_cross_entropy(
+        f, k, labels, jax.random.key(0), a, chunk_size=8)
+    optax_loss = lambda f, k, a: optax.softmax_cross_entropy_with_integer_labels(f @ k, labels)
+    loss, grads = value_and_grads(fused, features, kernel, alpha=0.0)
+    expected_loss, expected_grads = value_and_grads(optax_loss, features, kernel, alpha=0.0)
+    assert_close(loss, expected_loss, 1e-5)
+    assert_close(grads[:2], expected_grads[:2], 1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 6, 16, 36, 37, 64, None])
+def test_chunk_sizes_and_targets_in_the_last_partial_chunk(chunk_size):
+    features, kernel, labels = make_problem(3)
+    # The last class (in the partial last chunk for most sizes) and the first.
+    labels = labels.at[:4].set(jnp.array([36, 36, 0, 35]))
+    compare(features, kernel, labels, jax.random.key(9), chunk_size=chunk_size)
+
+
+def test_duplicate_labels():
+    features, kernel, _ = make_problem(4)
+    compare(features, kernel, jnp.array([3] * 8 + [30] * 4), jax.random.key(10), chunk_size=4)
+
+
+def test_zero_feature_vector_and_zero_class_weight_have_finite_gradients():
+    features, kernel, labels = make_problem(5)
+    features = features.at[2].set(0.0)
+    kernel = kernel.at[:, labels[5]].set(0.0)
+    loss, grads = compare(features, kernel, labels, jax.random.key(11))
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    np.testing.assert_allclose(loss[2], np.log(37.0), rtol=1e-6)  # every logit 0
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e5])
+def test_huge_logits(scale):
+    # Logits in the thousands (and, at 1e5, beyond exp's range by far): a shift that
+    # missed any block's maximum would overflow.
+    features, kernel, labels = make_problem(6, scale=scale)
+    loss, grads = compare(features, kernel, labels, jax.random.key(12), alpha=0.1)
+    assert np.all(np.isfinite(loss)) and all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_where_masks_examples():
+    features, kernel, labels = make_problem(7)
+    where = jnp.arange(12) % 3 != 0
+    loss, grads = compare(features, kernel, labels, jax.random.key(13), where=where)
+    np.testing.assert_array_equal(loss[~where], 0.0)
+    np.testing.assert_array_equal(grads[0][~where], 0.0)
+
+
+def test_bfloat16_inputs_are_computed_in_float32():
+    features, kernel, labels = make_problem(8)
+    rng = jax.random.key(14)
+    half = lambda f, k, a: nsj.fused_noisy_softmax_cross_entropy(f, k, labels, rng, a,
+                                                                 chunk_size=8)
+    loss, grads = value_and_grads(half, features.astype(jnp.bfloat16),
+                                  kernel.astype(jnp.bfloat16))
+    assert loss.dtype == jnp.float32
+    assert grads[0].dtype == grads[1].dtype == jnp.bfloat16
+    # Against float32 on the same (rounded) inputs: only the bfloat16 matmul operands of
+    # the backward pass and the rounding of the gradients themselves differ.
+    rounded = [x.astype(jnp.bfloat16).astype(jnp.float32) for x in (features, kernel)]
+    expected_loss, expected_grads = value_and_grads(half, *rounded)
+    assert_close(loss, expected_loss, 1e-5)
+    assert_close(grads[:2], expected_grads[:2], 2e-2)
+
+
+def test_traced_labels_alpha_and_sigma_under_jit():
+    features, kernel, labels = make_problem(9)
+    rng = jax.random.key(15)
+
+    @jax.jit
+    def step(features, kernel, labels, alpha, sigma):
+        return nsj.fused_noisy_softmax_cross_entropy(features, kernel, labels, rng, alpha,
+                                                     sigma=sigma, chunk_size=8)
+
+    for alpha, sigma in [(0.1, 1.0), (0.3, 0.5)]:
+        assert_close(step(features, kernel, labels, alpha, sigma),
+                     materialised(features, kernel, labels, rng, alpha, sigma=sigma), 1e-5)
+    assert step._cache_size() == 1
+    # Out-of-range labels cannot be checked under jit; they give NaN, as in Optax.
+    loss = step(features, kernel, labels.at[0].set(37), 0.1, 1.0)
+    assert np.isnan(loss[0]) and np.all(np.isfinite(loss[1:]))
+
+
+# -- sharded over the 8 emulated devices ---------------------------------------------------
+
+
+def class_mesh(shape, names):
+    return Mesh(np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape), names)
+
+
+@pytest.mark.parametrize("shape, names", [
+    ((4,), ("classes",)),
+    ((8,), ("classes",)),
+    ((2, 4), ("data", "classes")),
+    ((4, 2), ("classes", "data")),
+])
+def test_sharded_equals_unsharded(shape, names):
+    # 96 classes: 12 or 24 per shard, chunks of 5 leave a partial block on every shard.
+    features, kernel, labels = make_problem(10, batch=16, num_classes=96)
+    labels = labels.at[:3].set(jnp.array([95, 0, 47]))
+    rng = jax.random.key(16)
+    mesh = class_mesh(shape, names)
+    sharded = lambda f, k, a: nsj.fused_noisy_softmax_cross_entropy(
+        f, k, labels, rng, a, chunk_size=5, mesh=mesh, class_axis="classes")
+    unsharded = lambda f, k, a: nsj.fused_noisy_softmax_cross_entropy(
+        f, k, labels, rng, a, chunk_size=5)
+    loss, grads = value_and_grads(sharded, features, kernel)
+    expected_loss, expected_grads = value_and_grads(unsharded, features, kernel)
+    assert_close(loss, expected_loss, 1e-6)
+    assert_close(grads, expected_grads, 1e-6)
+    _, reference_grads = value_and_grads(both(features, kernel, labels, rng)[1], features, kernel)
+    assert_close(grads, reference_grads, 1e-5)
+
+
+def _compiled_text(loss_fn, batch, dim, num_classes, dtype=jnp.float32):
+    args = (jax.ShapeDtypeStruct((batch, dim), dtype),
+            jax.ShapeDtypeStruct((dim, num_classes), dtype),
+            jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32))
+    step = jax.jit(jax.value_and_grad(lambda f, k, y, a: loss_fn(f, k, y, a).mean(), (0, 1)))
+    return step.lower(*args).compile()
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (8,), (2, 4)])
+def test_hlo_has_no_batch_by_classes_array_nor_kernel_all_gather(mesh_shape):
+    batch, dim, num_classes = 24, 40, 2000
+    mesh = None if mesh_shape is None else class_mesh(
+        mesh_shape, ("classes",) if len(mesh_shape) == 1 else ("data", "classes"))
+    loss_fn = lambda f, k, y, a: nsj.fused_noisy_softmax_cross_entropy(
+        f, k, y, jax.random.key(0), a, chunk_size=64, mesh=mesh,
+        class_axis=None if mesh is None else "classes")
+    text = _compiled_text(loss_fn, batch, dim, num_classes).as_text()
+    data = 1 if mesh_shape is None or len(mesh_shape) == 1 else mesh_shape[0]
+    shards = 1 if mesh_shape is None else mesh_shape[-1]
+    rows = batch // data
+    shapes = {tuple(int(n) for n in s.split(",")) for s in re.findall(r"\[(\d+(?:,\d+)*)\]", text)}
+    classes_per_shard = num_classes // shards
+    # No logits beyond a block: nothing with a batch dimension and more than one block of classes.
+    assert not [s for s in shapes if len(s) == 2 and s[0] in (batch, rows)
+                and s[1] > 64 and s[1] in (num_classes, classes_per_shard)]
+    for line in text.splitlines():
+        if "all-gather(" in line or "all-gather-start(" in line:
+            raise AssertionError(f"an all-gather: {line}")
+        if mesh_shape is not None and ("all-reduce(" in line or "all-reduce-start(" in line):
+            result = line.split("=", 1)[1].split("all-reduce")[0]
+            sizes = [int(np.prod([int(n) for n in s.split(",")]))
+                     for s in re.findall(r"\[(\d+(?:,\d+)*)\]", result)]
+            # [batch]-sized combinations, the one [batch, dim] reduction of dx, and with a data
+            # axis the kernel-gradient shard's reduction over it (data parallelism).
+            allowed = rows * dim if data == 1 else max(rows * dim, dim * classes_per_shard)
+            assert max(sizes) <= allowed, line
+    if mesh_shape is not None:
+        assert "all-reduce" in text
+
+
+@pytest.mark.parametrize("num_classes", [1_000_000, 4_000_000])
+def test_temporary_memory_at_a_million_classes(num_classes):
+    # Compile only. The materialised loss needs ~3.9 GB of temporaries here (logits and their
+    # gradient in float32); the fused one a few blocks of batch x chunk.
+    loss_fn = lambda f, k, y, a: nsj.fused_noisy_softmax_cross_entropy(f, k, y,
+                                                                       jax.random.key(0), a)
+    memory = _compiled_text(loss_fn, 512, 512, num_classes).memory_analysis()
+    assert memory.temp_size_in_bytes <= 64 * 2**20
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+def _call(**changes):
+    features, kernel, labels = make_problem(11)
+    args = dict(features=features, kernel=kernel, labels=labels, rng=jax.random.key(0),
+                alpha=0.1)
+    args.update(changes)
+    positional = [args.pop(name) for name in ("features", "kernel", "labels", "rng", "alpha")]
+    return nsj.fused_noisy_softmax_cross_entropy(*positional, **args)
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(features=np.zeros((12, 8), np.int32)), TypeError, "`features` must be a floating"),
+    (dict(features=np.zeros((12,), np.float32)), ValueError, r"`features` must have shape \[batch, dim\]"),
+    (dict(kernel=np.zeros((8, 37), np.int32)), TypeError, "`kernel` must be a floating"),
+    (dict(kernel=np.zeros((9, 37), np.float32)), ValueError, r"`kernel` must have shape \[dim, classes\]"),
+    (dict(kernel=np.zeros((8, 0), np.float32)), ValueError, "at least one class"),
+    (dict(labels=np.zeros((12,), np.float32)), TypeError, "`labels` must be an integer"),
+    (dict(labels=np.zeros((11,), np.int32)), ValueError, r"`labels` must have shape \[batch\]"),
+    (dict(labels=np.full((12,), 37)), ValueError, r"`labels` must lie in \[0, 37\)"),
+    (dict(labels=np.full((12,), -1)), ValueError, r"`labels` must lie in \[0, 37\)"),
+    (dict(labels=np.full((12,), 2**32, np.int64)), ValueError, r"`labels` must lie in"),
+    (dict(rng=0), TypeError, "`rng` must be a JAX PRNG key"),
+    (dict(alpha=-0.1), ValueError, "`alpha` must be >= 0"),
+    (dict(alpha=np.ones(2)), ValueError, "`alpha` must be a scalar"),
+    (dict(sigma=-1.0), ValueError, "`sigma` must be >= 0"),
+    (dict(noise="gaussian"), ValueError, "`noise` must be one of"),
+    (dict(where=np.ones((3,), bool)), ValueError, "`where` must have one entry per example"),
+    (dict(chunk_size=0), ValueError, "`chunk_size` must be a positive integer"),
+    (dict(chunk_size=2.5), ValueError, "`chunk_size` must be a positive integer"),
+    (dict(mesh=Mesh(np.array(jax.devices()[:1]), ("classes",))), ValueError,
+     "`mesh` and `class_axis` go together"),
+    (dict(class_axis="classes"), ValueError, "`mesh` and `class_axis` go together"),
+    (dict(mesh="mesh", class_axis="classes"), TypeError, "`mesh` must be a jax.sharding.Mesh"),
+    (dict(mesh=Mesh(np.array(jax.devices()[:4]), ("classes",)), class_axis="model"),
+     ValueError, "`class_axis` must name an axis of `mesh`"),
+    (dict(mesh=Mesh(np.array(jax.devices()[:4]), ("classes",)), class_axis="classes"),
+     ValueError, r"classes \(kernel.shape\[1\] = 37\) must be divisible by the size of mesh axis"),
+    (dict(kernel=np.zeros((8, 40), np.float32),
+          mesh=Mesh(np.array(jax.devices()[:8]).reshape(8, 1), ("data", "classes")),
+          class_axis="classes"),
+     ValueError, r"the batch \(features.shape\[0\] = 12\) must be divisible by 8"),
+])
+def test_bad_input_raises_naming_the_argument(changes, error, match):
+    with pytest.raises(error, match=match):
+        _call(**changes)
+
+
+def test_default_chunk_size():
+    # About 2**21 logits per block, a multiple of 128, never more than the classes.
+    assert large_class._check_chunk_size(None, 512, 10**6) == 4096
+    assert large_class._check_chunk_size(None, 10**6, 10**6) == 128
+    assert large_class._check_chunk_size(None, 512, 100) == 100
+    assert large_class._check_chunk_size(1000, 512, 300) == 300
