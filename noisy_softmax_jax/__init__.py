@@ -3,7 +3,10 @@
 from noisy_softmax_jax.amplitude import safe_norm, target_amplitude
 from noisy_softmax_jax.diagnostics import saturation_metrics
 from noisy_softmax_jax.head import HeadOutput, NoisySoftmaxHead
-from noisy_softmax_jax.large_class import fused_noisy_softmax_cross_entropy
+from noisy_softmax_jax.large_class import (
+    checked_fused_noisy_softmax_cross_entropy,
+    fused_noisy_softmax_cross_entropy,
+)
 from noisy_softmax_jax.loss import (
     NOISE_VARIANTS,
     checked_noisy_softmax_cross_entropy,
@@ -19,6 +22,7 @@ __all__ = [
     "HeadOutput",
     "NoisySoftmaxHead",
     "alpha_schedule",
+    "checked_fused_noisy_softmax_cross_entropy",
     "checked_noisy_softmax_cross_entropy",
     "fused_noisy_softmax_cross_entropy",
     "noisy_softmax_cross_entropy",

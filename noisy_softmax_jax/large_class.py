@@ -17,13 +17,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.experimental import checkify
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import noisy_softmax_jax
 from noisy_softmax_jax import _validation
 from noisy_softmax_jax.amplitude import safe_norm
 
-__all__ = ["fused_noisy_softmax_cross_entropy"]
+__all__ = ["checked_fused_noisy_softmax_cross_entropy", "fused_noisy_softmax_cross_entropy"]
 
 # Logits per block (batch x chunk) that the default chunk size aims at: 2**21 float32 values
 # are 8 MiB, a few of which (logits, exponentials, their gradient) stay far below the
@@ -182,7 +183,8 @@ def _forward_pass(features, kernel, labels, config, dtype):
         return shard(features, kernel, labels)
     rows = PartitionSpec(config.batch_axes or None)
     return _shard_map(shard, config, in_specs=(_feature_spec(config), _kernel_spec(config), rows),
-                      out_specs=(rows, rows, rows))(features, kernel, labels)
+                      out_specs=(rows, rows, rows), out_like=(labels,) * 3)(
+        features, kernel, labels)
 
 
 def _backward_pass(features, kernel, labels, d_loss, log_normalizer, d_target_logit,
@@ -209,7 +211,7 @@ def _backward_pass(features, kernel, labels, d_loss, log_normalizer, d_target_lo
     return _shard_map(
         shard, config,
         in_specs=(_feature_spec(config), _kernel_spec(config), rows) + (rows,) * 4,
-        out_specs=(_feature_spec(config), _kernel_spec(config)),
+        out_specs=(_feature_spec(config), _kernel_spec(config)), out_like=(features, kernel),
     )(features, kernel, labels, *per_example)
 
 
@@ -221,12 +223,29 @@ def _kernel_spec(config):
     return PartitionSpec(None, config.class_axis)
 
 
-def _shard_map(fn, config, *, in_specs, out_specs):
+def _shard_map(fn, config, *, in_specs, out_specs, out_like):
+    """``fn`` under ``jax.shard_map``, as a function of the (global) arguments.
+
+    On a mesh with Explicit axes (``jax.make_mesh``'s default) the arguments' sharding is
+    part of their type, so they are resharded to ``in_specs`` on the way in and the results
+    to the sharding of the arrays in ``out_like`` on the way out.
+    """
     # check_vma=False: the loops' carries start as replicated zeros and become per-shard
     # values; every output that leaves a shard as replicated over an axis has been reduced
     # over it (pmax/psum) just before, which the sharded tests check against one device.
-    return jax.shard_map(fn, mesh=config.mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=False)
+    mapped = jax.shard_map(fn, mesh=config.mesh, in_specs=in_specs, out_specs=out_specs,
+                           check_vma=False)
+    if AxisType.Explicit not in config.mesh.axis_types:
+        return mapped
+
+    def call(*args):
+        args = [jax.reshard(x, NamedSharding(config.mesh, spec))
+                for x, spec in zip(args, in_specs)]
+        return tuple(
+            jax.reshard(y, NamedSharding(config.mesh, jax.typeof(like).sharding.spec))
+            for y, like in zip(mapped(*args), out_like))
+
+    return call
 
 
 def _noisy_target(config, target_logit, features, class_norm, rng, alpha, sigma):
@@ -431,6 +450,16 @@ def fused_noisy_softmax_cross_entropy(
       An et al., `Partial FC <https://arxiv.org/abs/2203.15565>`_, CVPR 2022 (class-sharded
       softmax).
     """
+    arguments, config = _check_arguments(
+        features, kernel, labels, rng, alpha, noise=noise, sigma=sigma, where=where,
+        shared_noise=shared_noise, negative=negative, chunk_size=chunk_size, mesh=mesh,
+        class_axis=class_axis)
+    return _loss(*arguments, config=config)
+
+
+def _check_arguments(features, kernel, labels, rng, alpha, *, noise, sigma, where,
+                     shared_noise, negative, chunk_size, mesh, class_axis):
+    """Validates and converts the arguments shared by the checked and unchecked loss."""
     features = _validation.check_floating("features", features, "of shape [batch, dim]")
     kernel = _validation.check_floating("kernel", kernel, "of shape [dim, classes]")
     if features.ndim != 2:
@@ -455,4 +484,70 @@ def fused_noisy_softmax_cross_entropy(
     config = _Config(noise=noise, shared_noise=bool(shared_noise), negative=bool(negative),
                      chunk_size=_check_chunk_size(chunk_size, batch, num_classes // shards),
                      mesh=mesh, class_axis=class_axis, batch_axes=batch_axes)
+    return (features, kernel, labels, rng, alpha, sigma, where), config
+
+
+def _loss_with_checks(features, kernel, labels, rng, alpha, sigma, where, *, config):
+    num_classes = kernel.shape[1]
+    out_of_range = (labels < 0) | (labels >= num_classes)
+    checkify.check(
+        ~jnp.any(out_of_range),
+        "`labels` must lie in [0, {num_classes}); found label {label}.",
+        num_classes=jnp.asarray(num_classes),
+        label=labels[jnp.argmax(out_of_range)] if labels.size else jnp.asarray(0))
+    for name, x in (("features", features), ("kernel", kernel)):
+        checkify.check(jnp.all(jnp.isfinite(x)), f"`{name}` contains NaN or infinity.")
+    for name, x in (("alpha", alpha), ("sigma", sigma)):
+        checkify.check(x >= 0, f"`{name}` must be >= 0; got {{value}}.", value=x)
+        checkify.check(jnp.isfinite(x), f"`{name}` must be finite; got {{value}}.", value=x)
     return _loss(features, kernel, labels, rng, alpha, sigma, where, config=config)
+
+
+_checked_loss = jax.jit(checkify.checkify(_loss_with_checks, errors=checkify.user_checks),
+                        static_argnames=("config",))
+
+
+def checked_fused_noisy_softmax_cross_entropy(
+    features: jax.typing.ArrayLike,
+    kernel: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    rng: jax.Array,
+    alpha: jax.typing.ArrayLike,
+    *,
+    noise: str = "annealed",
+    sigma: jax.typing.ArrayLike = 1.0,
+    where: jax.typing.ArrayLike | None = None,
+    shared_noise: bool = False,
+    negative: bool = False,
+    chunk_size: int | None = None,
+    mesh: Mesh | None = None,
+    class_axis: str | None = None,
+) -> tuple[checkify.Error, jax.Array]:
+    """:func:`fused_noisy_softmax_cross_entropy` with value checks that work under ``jax.jit``.
+
+    Reports labels outside ``[0, classes)``, non-finite ``features`` or ``kernel`` and a
+    negative or infinite ``alpha`` or ``sigma`` through ``jax.experimental.checkify``, as
+    :func:`noisy_softmax_jax.checked_noisy_softmax_cross_entropy` does for the materialised
+    loss. It costs one read of the kernel for the finiteness check.
+
+    Args:
+      As in :func:`fused_noisy_softmax_cross_entropy`.
+
+    Returns:
+      ``(error, loss)``: a ``checkify.Error`` (``error.throw()`` outside ``jit`` raises it)
+      and the per-example losses.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from noisy_softmax_jax import checked_fused_noisy_softmax_cross_entropy
+      >>> step = jax.jit(lambda labels: checked_fused_noisy_softmax_cross_entropy(
+      ...     jnp.ones((2, 4)), jnp.ones((4, 3)), labels, jax.random.key(0), 0.1))
+      >>> error, loss = step(jnp.array([0, 7]))
+      >>> print(error.get())
+      `labels` must lie in [0, 3); found label 7. ...
+    """
+    arguments, config = _check_arguments(
+        features, kernel, labels, rng, alpha, noise=noise, sigma=sigma, where=where,
+        shared_noise=shared_noise, negative=negative, chunk_size=chunk_size, mesh=mesh,
+        class_axis=class_axis)
+    return _checked_loss(*arguments, config=config)

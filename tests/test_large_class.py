@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
 import noisy_softmax_jax as nsj
 from noisy_softmax_jax import large_class
@@ -180,22 +180,24 @@ def test_traced_labels_alpha_and_sigma_under_jit():
 # -- sharded over the 8 emulated devices ---------------------------------------------------
 
 
-def class_mesh(shape, names):
-    return Mesh(np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape), names)
+def class_mesh(shape, names, axis_type=AxisType.Auto):
+    return Mesh(np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape), names,
+                axis_types=(axis_type,) * len(shape))
 
 
-@pytest.mark.parametrize("shape, names", [
-    ((4,), ("classes",)),
-    ((8,), ("classes",)),
-    ((2, 4), ("data", "classes")),
-    ((4, 2), ("classes", "data")),
+@pytest.mark.parametrize("shape, names, axis_type", [
+    ((4,), ("classes",), AxisType.Auto),
+    ((8,), ("classes",), AxisType.Auto),
+    ((2, 4), ("data", "classes"), AxisType.Auto),
+    ((4, 2), ("classes", "data"), AxisType.Auto),
+    ((2, 4), ("data", "classes"), AxisType.Explicit),  # jax.make_mesh's default
 ])
-def test_sharded_equals_unsharded(shape, names):
+def test_sharded_equals_unsharded(shape, names, axis_type):
     # 96 classes: 12 or 24 per shard, chunks of 5 leave a partial block on every shard.
     features, kernel, labels = make_problem(10, batch=16, num_classes=96)
     labels = labels.at[:3].set(jnp.array([95, 0, 47]))
     rng = jax.random.key(16)
-    mesh = class_mesh(shape, names)
+    mesh = class_mesh(shape, names, axis_type)
     sharded = lambda f, k, a: nsj.fused_noisy_softmax_cross_entropy(
         f, k, labels, rng, a, chunk_size=5, mesh=mesh, class_axis="classes")
     unsharded = lambda f, k, a: nsj.fused_noisy_softmax_cross_entropy(
@@ -216,6 +218,18 @@ def _compiled_text(loss_fn, batch, dim, num_classes, dtype=jnp.float32):
     return step.lower(*args).compile()
 
 
+def _batch_by_class_shapes(text, batch_sizes, class_sizes):
+    shapes = {tuple(int(n) for n in s.split(",")) for s in re.findall(r"\[(\d+(?:,\d+)*)\]", text)}
+    return [s for s in shapes if len(s) == 2 and s[0] in batch_sizes and s[1] in class_sizes]
+
+
+def test_hlo_check_finds_the_materialised_logits():
+    # The inspection below would see [batch, classes] arrays if there were any.
+    loss_fn = lambda f, k, y, a: materialised(f, k, y, jax.random.key(0), a)
+    text = _compiled_text(loss_fn, 24, 40, 2000).as_text()
+    assert _batch_by_class_shapes(text, (24,), (2000,))
+
+
 @pytest.mark.parametrize("mesh_shape", [None, (8,), (2, 4)])
 def test_hlo_has_no_batch_by_classes_array_nor_kernel_all_gather(mesh_shape):
     batch, dim, num_classes = 24, 40, 2000
@@ -228,11 +242,9 @@ def test_hlo_has_no_batch_by_classes_array_nor_kernel_all_gather(mesh_shape):
     data = 1 if mesh_shape is None or len(mesh_shape) == 1 else mesh_shape[0]
     shards = 1 if mesh_shape is None else mesh_shape[-1]
     rows = batch // data
-    shapes = {tuple(int(n) for n in s.split(",")) for s in re.findall(r"\[(\d+(?:,\d+)*)\]", text)}
     classes_per_shard = num_classes // shards
     # No logits beyond a block: nothing with a batch dimension and more than one block of classes.
-    assert not [s for s in shapes if len(s) == 2 and s[0] in (batch, rows)
-                and s[1] > 64 and s[1] in (num_classes, classes_per_shard)]
+    assert not _batch_by_class_shapes(text, (batch, rows), (num_classes, classes_per_shard))
     for line in text.splitlines():
         if "all-gather(" in line or "all-gather-start(" in line:
             raise AssertionError(f"an all-gather: {line}")
@@ -256,6 +268,37 @@ def test_temporary_memory_at_a_million_classes(num_classes):
                                                                        jax.random.key(0), a)
     memory = _compiled_text(loss_fn, 512, 512, num_classes).memory_analysis()
     assert memory.temp_size_in_bytes <= 64 * 2**20
+
+
+@jax.jit
+def _checked_step(features, kernel, labels, alpha):
+    return nsj.checked_fused_noisy_softmax_cross_entropy(features, kernel, labels,
+                                                         jax.random.key(0), alpha, chunk_size=8)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda f, k, y, a: (f, k, y, a), None),
+    (lambda f, k, y, a: (f, k, y.at[3].set(40), a), "`labels` must lie in [0, 37); found label 40"),
+    (lambda f, k, y, a: (f, k, y.at[3].set(-1), a), "`labels` must lie in [0, 37); found label -1"),
+    (lambda f, k, y, a: (f, k, y, -0.5), "`alpha` must be >= 0"),
+    (lambda f, k, y, a: (f, k.at[0, 0].set(jnp.inf), y, a), "`kernel` contains NaN or infinity"),
+    (lambda f, k, y, a: (f.at[1, 1].set(jnp.nan), k, y, a), "`features` contains NaN or infinity"),
+])
+def test_checked_mode_reports_values_under_jit(corrupt, message):
+    features, kernel, labels = make_problem(12)
+    error, loss = _checked_step(*corrupt(features, kernel, labels, 0.1))
+    if message is None:
+        assert error.get() is None
+        assert_close(loss, materialised(features, kernel, labels, jax.random.key(0), 0.1), 1e-5)
+    else:
+        assert message in error.get()
+
+
+def test_checked_mode_checks_eagerly_too():
+    features, kernel, labels = make_problem(12)
+    with pytest.raises(ValueError, match="`labels` must lie in"):
+        nsj.checked_fused_noisy_softmax_cross_entropy(features, kernel, labels.at[0].set(-2),
+                                                      jax.random.key(0), 0.1)
 
 
 # -- bad input -----------------------------------------------------------------------------
