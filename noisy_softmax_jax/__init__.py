@@ -7,6 +7,7 @@ from noisy_softmax_jax.large_class import (
     checked_fused_noisy_softmax_cross_entropy,
     fused_noisy_softmax_cross_entropy,
 )
+from noisy_softmax_jax.large_class_top_k import fused_top_k
 from noisy_softmax_jax.loss import (
     NOISE_VARIANTS,
     checked_noisy_softmax_cross_entropy,
@@ -25,6 +26,7 @@ __all__ = [
     "checked_fused_noisy_softmax_cross_entropy",
     "checked_noisy_softmax_cross_entropy",
     "fused_noisy_softmax_cross_entropy",
+    "fused_top_k",
     "noisy_softmax_cross_entropy",
     "noisy_target_logit",
     "safe_norm",

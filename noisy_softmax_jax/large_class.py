@@ -315,6 +315,17 @@ def _loss(features, kernel, labels, rng, alpha, sigma, where, *, config):
     return loss
 
 
+def _check_shapes(features, kernel):
+    if features.ndim != 2:
+        raise ValueError(f"`features` must have shape [batch, dim]; got shape {features.shape}.")
+    if kernel.ndim != 2 or kernel.shape[0] != features.shape[1]:
+        raise ValueError(
+            "`kernel` must have shape [dim, classes] with dim = features.shape[1] = "
+            f"{features.shape[1]}; got kernel.shape = {kernel.shape}.")
+    if kernel.shape[1] < 1:
+        raise ValueError("`kernel` must have at least one class (kernel.shape[1] >= 1).")
+
+
 def _check_labels(labels, batch, num_classes):
     if np.shape(labels) != (batch,):
         raise ValueError(
@@ -462,15 +473,8 @@ def _check_arguments(features, kernel, labels, rng, alpha, *, noise, sigma, wher
     """Validates and converts the arguments shared by the checked and unchecked loss."""
     features = _validation.check_floating("features", features, "of shape [batch, dim]")
     kernel = _validation.check_floating("kernel", kernel, "of shape [dim, classes]")
-    if features.ndim != 2:
-        raise ValueError(f"`features` must have shape [batch, dim]; got shape {features.shape}.")
-    if kernel.ndim != 2 or kernel.shape[0] != features.shape[1]:
-        raise ValueError(
-            "`kernel` must have shape [dim, classes] with dim = features.shape[1] = "
-            f"{features.shape[1]}; got kernel.shape = {kernel.shape}.")
+    _check_shapes(features, kernel)
     batch, num_classes = features.shape[0], kernel.shape[1]
-    if num_classes < 1:
-        raise ValueError("`kernel` must have at least one class (kernel.shape[1] >= 1).")
     labels = _check_labels(labels, batch, num_classes)
     rng = _validation.check_rng(rng)
     alpha = _validation.check_nonnegative_scalar("alpha", alpha)

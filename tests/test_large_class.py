@@ -356,3 +356,41 @@ def test_default_chunk_size():
     assert large_class._check_chunk_size(None, 10**6, 10**6) == 128
     assert large_class._check_chunk_size(None, 512, 100) == 100
     assert large_class._check_chunk_size(1000, 512, 300) == 300
+
+
+# -- top-k at evaluation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k, chunk_size, mesh_shape", [
+    (1, 6, None), (5, 6, None), (5, 3, None), (5, None, None), (37, 16, None),
+    (5, 5, (8,)), (5, 4, (2, 4)),
+])
+def test_fused_top_k_equals_top_k_of_the_logits(k, chunk_size, mesh_shape):
+    features, kernel, labels = make_problem(13, batch=16, num_classes=37 if mesh_shape is None
+                                            else 96)
+    mesh = None if mesh_shape is None else class_mesh(
+        mesh_shape, ("classes",) if len(mesh_shape) == 1 else ("data", "classes"))
+    values, classes = nsj.fused_top_k(features, kernel, k, chunk_size=chunk_size, mesh=mesh,
+                                      class_axis=None if mesh is None else "classes")
+    expected_values, expected_classes = jax.lax.top_k(features @ kernel, k)
+    np.testing.assert_array_equal(classes, expected_classes)
+    assert_close(values, expected_values, 1e-6)  # up to the matmul's rounding
+    # Top-1 and top-k accuracy as the docstring computes them.
+    hits = np.any(np.asarray(classes) == np.asarray(labels)[:, None], axis=-1)
+    expected_hits = np.any(np.asarray(expected_classes) == np.asarray(labels)[:, None], axis=-1)
+    np.testing.assert_array_equal(hits, expected_hits)
+
+
+def test_fused_top_k_temporary_memory_at_a_million_classes():
+    step = jax.jit(lambda f, k: nsj.fused_top_k(f, k, 5))
+    memory = step.lower(jax.ShapeDtypeStruct((512, 512), jnp.float32),
+                        jax.ShapeDtypeStruct((512, 1_000_000), jnp.float32)
+                        ).compile().memory_analysis()
+    assert memory.temp_size_in_bytes <= 64 * 2**20
+
+
+@pytest.mark.parametrize("k", [0, 38, 2.0, True])
+def test_fused_top_k_bad_k(k):
+    features, kernel, _ = make_problem(14)
+    with pytest.raises(ValueError, match="`k` must be an integer in"):
+        nsj.fused_top_k(features, kernel, k)
