@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared check for a machine with a GPU and no internet, in well under 10 minutes:
 #   1. the test suite (CPU, as CI runs it) and the loss tests on the GPU,
-#   2. benchmarks/loss_bench.py and benchmarks/train_step_bench.py on the GPU,
+#   2. benchmarks/loss_bench.py, large_class_bench.py and train_step_bench.py on the GPU,
 #   3. the MNIST paper config (train/configs/mnist_paper.py) trained to completion,
 # then a short table. Logs and JSON go to $OUT_DIR (default: $OUT if set, else /tmp/gpu_check).
 #
@@ -98,7 +98,8 @@ record "tests (cpu, as CI)" "$STEP_STATUS" "$(grep -Eo '[0-9]+ (passed|failed|er
 if [ "$BACKEND" = gpu ]; then
     JAX_PLATFORMS=cuda,cpu run_step "loss tests (gpu)" 80 tests_gpu.log "$PYTHON" -m pytest -q \
         -p no:cacheprovider tests/test_loss.py tests/test_loss_performance.py \
-        -k "not sharded_over_eight"
+        tests/test_large_class.py \
+        -k "not sharded_over_eight and not sharded_equals and not hlo_has and not bad_input"
     record "loss tests (gpu)" "$STEP_STATUS" "$(grep -Eo '[0-9]+ (passed|failed|error)[^=]*' "$OUT_DIR/tests_gpu.log" | tail -1)"
 fi
 
@@ -109,6 +110,10 @@ run_step "loss benchmark" 110 loss_bench.log "$PYTHON" benchmarks/loss_bench.py 
     --json "$OUT_DIR/loss_bench.json"
 LOSS_STATUS=$STEP_STATUS
 record "loss benchmark" "$LOSS_STATUS" "$(awk '$1 ~ /x/ && $5 ~ /^[0-9.]+$/ {if ($5 > m) m = $5} END {if (m) printf "worst ratio %.3f", m}' "$OUT_DIR/loss_bench.log")"
+if [ "$DRY_RUN" = 1 ]; then LARGE_ARGS=(--quick); else LARGE_ARGS=(--budget 5 --min-repeats 3); fi
+run_step "large-class benchmark" 75 large_class_bench.log "$PYTHON" \
+    benchmarks/large_class_bench.py "${LARGE_ARGS[@]}" --json "$OUT_DIR/large_class_bench.json"
+record "large-class benchmark" "$STEP_STATUS" "$(awk '$2 ~ /^(float32|bfloat16)$/ && NF == 7 {printf "%s %s ratio %s  ", $1, $2, $5}' "$OUT_DIR/large_class_bench.log")"
 if [ "$TRAIN_READY" = 1 ]; then
     run_step "train-step benchmark" 90 train_step_bench.log "$PYTHON" \
         benchmarks/train_step_bench.py "${TRAIN_ARGS[@]}" --json "$OUT_DIR/train_step_bench.json"
@@ -150,6 +155,9 @@ for i in "${!NAMES[@]}"; do
 done
 if [ -f "$OUT_DIR/loss_bench.log" ]; then
     echo; echo "loss, forward + backward, ours / Optax:"; grep -E "^ *[0-9]+x[0-9]+ |size" "$OUT_DIR/loss_bench.log"
+fi
+if [ -f "$OUT_DIR/large_class_bench.log" ]; then
+    echo; echo "large numbers of classes, fused / materialised:"; grep -E "^ *(classes|[0-9]+ ) *" "$OUT_DIR/large_class_bench.log"
 fi
 if [ -f "$OUT_DIR/train_step_bench.log" ]; then
     echo; echo "train step, noisy / softmax:"; grep -E "^ *(model|small_cnn|vgg_)" "$OUT_DIR/train_step_bench.log"

@@ -3,6 +3,11 @@
 from noisy_softmax_jax.amplitude import KERNEL_LAYOUTS, safe_norm, target_amplitude
 from noisy_softmax_jax.diagnostics import saturation_metrics, top_class_fraction
 from noisy_softmax_jax.head import HeadOutput, NoisySoftmaxHead, head_output
+from noisy_softmax_jax.large_class import (
+    checked_fused_noisy_softmax_cross_entropy,
+    fused_noisy_softmax_cross_entropy,
+)
+from noisy_softmax_jax.large_class_top_k import fused_top_k
 from noisy_softmax_jax.loss import (
     NOISE_VARIANTS,
     checked_noisy_softmax_cross_entropy,
@@ -20,7 +25,10 @@ __all__ = [
     "HeadOutput",
     "NoisySoftmaxHead",
     "alpha_schedule",
+    "checked_fused_noisy_softmax_cross_entropy",
     "checked_noisy_softmax_cross_entropy",
+    "fused_noisy_softmax_cross_entropy",
+    "fused_top_k",
     "head_output",
     "noisy_logits",
     "noisy_softmax_cross_entropy",

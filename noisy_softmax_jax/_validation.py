@@ -56,7 +56,7 @@ def check_floating(name: str, x, shape_hint: str) -> jax.Array:
     return x
 
 
-def _require_class_axis(logits: jax.Array) -> None:
+def _require_class_axis(logits: jax.Array | jax.ShapeDtypeStruct) -> None:
     if logits.ndim < 1:
         raise ValueError("`logits` must have a class axis: expected shape [..., C]; got a scalar.")
 
@@ -77,11 +77,13 @@ def check_class_axis(axis, logits: jax.Array) -> int:
     return int(axis) % logits.ndim
 
 
-def check_labels(labels, logits: jax.Array) -> jax.Array:
+def check_labels(labels, logits: jax.Array | jax.ShapeDtypeStruct) -> jax.Array:
     return check_labels_along_axis(labels, logits, -1)
 
 
-def check_labels_along_axis(labels, logits: jax.Array, axis: int) -> jax.Array:
+def check_labels_along_axis(
+    labels, logits: jax.Array | jax.ShapeDtypeStruct, axis: int
+) -> jax.Array:
     """`check_labels` for logits whose class axis is `axis` (checked by `check_class_axis`)."""
     if not isinstance(labels, jax.Array):
         # Checked on the host before JAX converts them: without x64, JAX stores int64 labels

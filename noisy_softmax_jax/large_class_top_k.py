@@ -1,0 +1,119 @@
+"""Top-k classes of a bias-free linear classifier over very many classes, without its logits.
+
+The evaluation side of :func:`noisy_softmax_jax.fused_noisy_softmax_cross_entropy`: the same
+blocks of classes, the same optional class-sharded mesh, and no ``[batch, classes]`` array.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from noisy_softmax_jax import _validation, large_class
+
+__all__ = ["fused_top_k"]
+
+
+def _merge(values, indices, new_values, new_indices, k):
+    """The k largest of two candidate lists; on ties the earlier list (lower classes) wins."""
+    values = jnp.concatenate([values, new_values], axis=-1)
+    indices = jnp.concatenate([indices, new_indices], axis=-1)
+    values, position = jax.lax.top_k(values, k)
+    return values, jnp.take_along_axis(indices, position, axis=-1)
+
+
+def _top_k_shard(features, kernel, *, k, chunk_size, dtype, class_axis):
+    offset = large_class._shard_offset(kernel, class_axis)
+    batch = features.shape[0]
+
+    def body(carry, block, start):
+        logits = large_class._dot(features, block, ((1,), (0,)), dtype)
+        values, indices = jax.lax.top_k(logits, min(k, block.shape[1]))
+        best_values, best_indices = carry
+        return _merge(best_values, best_indices, values, indices + (start + offset), k)
+
+    carry = (jnp.full((batch, k), -jnp.inf, dtype), jnp.full((batch, k), -1, jnp.int32))
+    values, indices = large_class._over_blocks(body, carry, kernel, chunk_size)
+    if class_axis is not None:
+        # [batch, k] candidates from every shard, in shard (so class) order: [batch, shards * k].
+        values, indices = (jax.lax.all_gather(x, class_axis, axis=1, tiled=True)
+                           for x in (values, indices))
+        values, position = jax.lax.top_k(values, k)
+        indices = jnp.take_along_axis(indices, position, axis=-1)
+    return values, indices
+
+
+@functools.partial(jax.jit, static_argnames=("config", "k"))
+def _top_k(features, kernel, *, k, config):
+    dtype = large_class._compute_dtype(features.dtype, kernel.dtype)
+    shard = functools.partial(_top_k_shard, k=k, chunk_size=config.chunk_size, dtype=dtype,
+                              class_axis=config.class_axis)
+    if config.mesh is None:
+        return shard(features, kernel)
+    rows = PartitionSpec(config.batch_axes or None, None)
+    return large_class._shard_map(
+        shard, config, in_specs=(rows, PartitionSpec(None, config.class_axis)),
+        out_specs=(rows, rows), out_like=(features, features))(features, kernel)
+
+
+def fused_top_k(
+    features: jax.typing.ArrayLike,
+    kernel: jax.typing.ArrayLike,
+    k: int,
+    *,
+    chunk_size: int | None = None,
+    mesh: Mesh | None = None,
+    class_axis: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The ``k`` largest logits of ``features @ kernel`` and their classes, block by block.
+
+    Equals ``jax.lax.top_k(features @ kernel, k)`` (up to the matmul's rounding) without
+    forming the logits: each block of ``chunk_size`` classes is reduced to its top ``k``
+    and merged into a running top ``k``. With ``mesh`` and ``class_axis``, as in
+    :func:`noisy_softmax_jax.fused_noisy_softmax_cross_entropy`, each device keeps the top
+    ``k`` of its classes and the shards exchange ``[batch, k]`` candidates. Use it for
+    top-1 / top-5 accuracy at evaluation (no noise there: it needs the true label).
+
+    Args:
+      features: Inputs of the classifier, shape ``[batch, dim]``, floating.
+      kernel: Class weights, shape ``[dim, classes]``.
+      k: How many classes per example, ``1 <= k <= classes`` (and ``<= classes`` per shard).
+      chunk_size, mesh, class_axis: As in :func:`fused_noisy_softmax_cross_entropy`.
+
+    Returns:
+      ``(values, classes)``, both ``[batch, k]``, largest first; values in float32 for
+      half-precision inputs, classes int32.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from noisy_softmax_jax import fused_top_k
+      >>> features = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+      >>> kernel = jnp.array([[0.1, 0.9, 0.5], [0.7, 0.2, 0.4]])
+      >>> values, classes = fused_top_k(features, kernel, 2, chunk_size=2)
+      >>> classes
+      Array([[1, 2],
+             [0, 2]], dtype=int32)
+      >>> labels = jnp.array([2, 0])
+      >>> top1 = jnp.mean(classes[:, 0] == labels)
+      >>> top2 = jnp.mean(jnp.any(classes == labels[:, None], axis=-1))
+      >>> float(top1), float(top2)
+      (0.5, 1.0)
+    """
+    features = _validation.check_floating("features", features, "of shape [batch, dim]")
+    kernel = _validation.check_floating("kernel", kernel, "of shape [dim, classes]")
+    large_class._check_shapes(features, kernel)
+    batch, num_classes = features.shape[0], kernel.shape[1]
+    batch_axes = large_class._check_sharding(mesh, class_axis, batch, num_classes)
+    shards = 1 if mesh is None else mesh.shape[class_axis]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_classes // shards:
+        raise ValueError(
+            f"`k` must be an integer in [1, {num_classes // shards}] (the classes per shard); "
+            f"got k = {k!r}.")
+    config = large_class._Config(
+        noise="annealed", shared_noise=False, negative=False,
+        chunk_size=large_class._check_chunk_size(chunk_size, batch, num_classes // shards),
+        mesh=mesh, class_axis=class_axis, batch_axes=batch_axes)
+    return _top_k(features, kernel, k=k, config=config)
