@@ -61,11 +61,14 @@ class LocalProcesses:
       env: the environment to start from (default: this process's).
       log_dir: if given, process I's output also goes to `<log_dir>/process_I.log`.
       echo: print each process's output, prefixed with `[I] `.
+      extra_args: per process, arguments appended to its command (tests use it to make one
+        process differ).
     """
 
     def __init__(self, args: Sequence[str], *, num_processes: int, devices_per_process: int,
                  module: str = "train", env: dict[str, str] | None = None,
-                 log_dir: str | None = None, echo: bool = True):
+                 log_dir: str | None = None, echo: bool = True,
+                 extra_args: Sequence[Sequence[str]] | None = None):
         self.port = free_port()
         self.logs: list[list[str]] = [[] for _ in range(num_processes)]
         self.processes: list[subprocess.Popen] = []
@@ -74,7 +77,8 @@ class LocalProcesses:
         for index in range(num_processes):
             command = [sys.executable, "-m", module, *args,
                        f"--coordinator_address=localhost:{self.port}",
-                       f"--num_processes={num_processes}", f"--process_id={index}"]
+                       f"--num_processes={num_processes}", f"--process_id={index}",
+                       *(extra_args[index] if extra_args else ())]
             process = subprocess.Popen(
                 command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True, errors="replace", start_new_session=True)
@@ -126,15 +130,21 @@ class LocalProcesses:
                 break
             time.sleep(0.1)
         codes = [process.wait() for process in self.processes]
-        for thread in self._threads:
-            thread.join(timeout=10)
+        self._close()
         return codes
 
+    def _close(self) -> None:
+        for thread in self._threads:
+            thread.join(timeout=10)
+        for process in self.processes:
+            process.stdout.close()
+
     def kill(self) -> None:
-        """Kills every process group (e.g. when a test fails)."""
+        """Kills every process group that still runs (e.g. when a test fails)."""
         self.signal_all(signal.SIGKILL)
         for process in self.processes:
             process.wait()
+        self._close()
 
     def log_tails(self, lines: int = 30) -> str:
         """The last `lines` lines of each process's output, for a failure report."""
