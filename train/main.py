@@ -10,6 +10,7 @@ cluster (TPU VMs, SLURM, Open MPI). Elsewhere pass --coordinator_address, --num_
 processes. See README.md, "Multi-host".
 """
 
+import faulthandler
 import json
 import os
 import sys
@@ -77,6 +78,9 @@ def main(argv):
 
     explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.distributed or any(value is not None for value in explicit):
+        # A lost peer ends the others through JAX's fatal log line naming the unhealthy task
+        # (an abort); absl's faulthandler would follow it with every thread's stack.
+        faulthandler.disable()
         multihost.initialize(
             coordinator_address=FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes,
@@ -99,6 +103,11 @@ def main(argv):
     except errors.RunError as error:
         print(f"{error.prefix}: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
+    except Exception as error:  # a bug or an unexpected failure: keeps its traceback
+        if jax.process_count() > 1:  # the one line that names the process among N logs
+            print(f"error: process {jax.process_index()} failed: {type(error).__name__}: "
+                  f"{error}", file=sys.stderr, flush=True)
+        raise
     if jax.process_index() > 0:  # so that every process's agreement can be checked
         print(f"process {jax.process_index()}: params_sha256 {results['params_sha256']}")
     else:

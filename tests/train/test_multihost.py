@@ -168,6 +168,10 @@ def test_sigkill_of_one_process_stops_the_others_then_rerun_finishes_the_same(
         launched.kill()
     assert time.monotonic() - killed_at < 75
     assert launched.processes[0].returncode != 0, launched.log_tails()
+    # JAX's coordination service names the lost process (then aborts the survivor: the
+    # Python and C++ stacks that follow are JAX's and Orbax's, not yet reduced to one line).
+    assert any("Task 1 heartbeat timeout" in line for line in launched.logs[0]), (
+        launched.log_tails())
     rerun = run(workdir, 2, 2)
     assert set(fingerprints(rerun)) == {results(two_by_two[0])["params_sha256"]}
 
@@ -176,3 +180,45 @@ def test_differing_keys_names_each_process_and_key():
     digests = [{"config.seed": "a", "code": "x"}, {"config.seed": "a", "code": "x"},
                {"config.seed": "b", "code": "y"}]
     assert multihost.differing_keys(digests) == {2: ["code", "config.seed"]}
+
+
+@pytest.mark.slow
+def test_an_exception_in_one_process_stops_every_process(tmp_path):
+    env = dict(test_main.environment(), MOCK_DATA_FAIL="1:6")  # see tests/mock_data_cli.py
+    launched = launch_local.LocalProcesses(
+        [*RUN_FLAGS, f"--workdir={tmp_path / 'w'}"], num_processes=2, devices_per_process=1,
+        module="tests.mock_data_cli", env=env, echo=False)
+    start = time.monotonic()
+    try:
+        codes = launched.wait(DEADLINE_S, grace_s=60)
+    finally:
+        launched.kill()
+    assert all(code != 0 for code in codes), launched.log_tails()
+    assert time.monotonic() - start < DEADLINE_S, launched.log_tails()
+    named = [line for line in launched.logs[1] if line.startswith("error: process 1 failed")]
+    assert named == ["error: process 1 failed: FileNotFoundError: mock data of process 1 is "
+                     "missing\n"], launched.log_tails()
+
+
+@pytest.mark.slow
+def test_four_processes_of_one_device_agree(tmp_path):
+    launched = run(tmp_path / "w", 4, 1)
+    reported = fingerprints(launched)
+    assert len(reported) == 4 and len(set(reported)) == 1, reported
+    assert results(tmp_path / "w")["num_devices"] == 4
+
+
+@pytest.mark.parametrize("layout", [(1, 4), (4, 1)])
+@pytest.mark.slow
+def test_a_checkpoint_of_two_processes_resumes_in_another_layout(tmp_path, layout):
+    workdir = tmp_path / "w"
+    launched = launch(workdir, 2, 2)
+    wait_for_step(launched, workdir, 8)
+    launched.signal_all(signal.SIGTERM)
+    finish(launched, [preemption.EXIT_PREEMPTED] * 2)
+    step = test_main.checkpointing.Checkpoints(str(workdir), 3).latest_step()
+    num_processes, devices_per_process = layout
+    rerun = run(workdir, num_processes, devices_per_process)
+    assert len(set(fingerprints(rerun))) == 1
+    assert results(workdir)["resumed_from_step"] == step > 0
+    assert results(workdir)["steps"] == NUM_STEPS
