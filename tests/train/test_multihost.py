@@ -201,11 +201,31 @@ def test_an_exception_in_one_process_stops_every_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_four_processes_of_one_device_agree(tmp_path):
-    launched = run(tmp_path / "w", 4, 1)
-    reported = fingerprints(launched)
-    assert len(reported) == 4 and len(set(reported)) == 1, reported
+def test_four_processes_of_one_device_agree_through_the_launcher_command(tmp_path):
+    command = [sys.executable, "-m", "train.launch_local", "--num_processes=4",
+               "--devices_per_process=1", "--module=tests.mock_data_cli",
+               f"--timeout_s={DEADLINE_S}", "--", *RUN_FLAGS, f"--workdir={tmp_path / 'w'}"]
+    done = subprocess.run(command, env=test_main.environment(), capture_output=True, text=True,
+                          timeout=DEADLINE_S + 30, start_new_session=True)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
+    expected = results(tmp_path / "w")["params_sha256"]
+    for index in range(1, 4):  # every line prefixed with its process
+        assert f"[{index}] process {index}: params_sha256 {expected}\n" in done.stdout
+    assert f'[0]   "params_sha256": "{expected}"' in done.stdout
     assert results(tmp_path / "w")["num_devices"] == 4
+
+
+@pytest.mark.parametrize("codes, timed_out, expected", [
+    ([0, 0], False, 0), ([0, 143], False, 143), ([-9, 1], False, 137), ([0, 0], True, 124)])
+def test_launcher_exit_code(codes, timed_out, expected):
+    assert launch_local.exit_code(codes, timed_out) == expected
+
+
+def test_launcher_environment_sets_the_device_count_once():
+    env = launch_local.process_environment(
+        3, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_cpu_foo=1"})
+    assert env["XLA_FLAGS"] == "--xla_cpu_foo=1 --xla_force_host_platform_device_count=3"
+    assert env["JAX_NUM_CPU_DEVICES"] == "3" and env["JAX_PLATFORMS"] == "cpu"
 
 
 @pytest.mark.parametrize("layout", [(1, 4), (4, 1)])
