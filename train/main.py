@@ -4,9 +4,13 @@
       --config.alpha=0.1 --config.loss=softmax --config.seed=3
 
 Multi-host (e.g. a TPU pod): pass --distributed (or set NOISY_SOFTMAX_DISTRIBUTED=1) on every
-host; `jax.distributed.initialize()` then runs before anything touches a device.
+host; `jax.distributed.initialize()` then runs before anything touches a device, detecting the
+cluster (TPU VMs, SLURM, Open MPI). Elsewhere pass --coordinator_address, --num_processes and
+--process_id (which imply --distributed); `python -m train.launch_local` does so for N local
+processes. See README.md, "Multi-host".
 """
 
+import faulthandler
 import json
 import os
 import sys
@@ -22,6 +26,18 @@ flags.DEFINE_bool(
     os.environ.get("NOISY_SOFTMAX_DISTRIBUTED", "") == "1",
     "Call jax.distributed.initialize() first (multi-host runs).",
 )
+flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0's coordination service (multi-host; default: auto-detected).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (default: auto-detected).")
+flags.DEFINE_integer("process_id", None, "This process's index (default: auto-detected).")
+flags.DEFINE_integer(
+    "initialization_timeout", 60, "Seconds to wait for every process to join (multi-host).")
+flags.DEFINE_integer(
+    "heartbeat_timeout", 30,
+    "Seconds without a heartbeat after which a process counts as dead and the others stop.")
+flags.DEFINE_integer(
+    "shutdown_timeout", 30, "Seconds a finishing process waits for the others at exit.")
 config_flags.DEFINE_config_file(
     "config", None, "Training configuration file (a get_config() module).", lock_config=True
 )
@@ -54,21 +70,43 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     import jax  # pylint: disable=g-import-not-at-top
 
-    if FLAGS.distributed:
-        jax.distributed.initialize()
+    # pylint: disable=g-import-not-at-top  # errors and multihost do not touch a device
+    from train import errors, multihost
+
+    explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if FLAGS.distributed or any(value is not None for value in explicit):
+        # A lost peer ends the others through JAX's fatal log line naming the unhealthy task
+        # (an abort); absl's faulthandler would follow it with every thread's stack.
+        faulthandler.disable()
+        multihost.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+            initialization_timeout_s=FLAGS.initialization_timeout,
+            heartbeat_timeout_s=FLAGS.heartbeat_timeout,
+            shutdown_timeout_s=FLAGS.shutdown_timeout,
+        )
     logging.info(
         "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )
     # pylint: disable=g-import-not-at-top  # after jax.distributed.initialize
-    from train import errors, files, train
+    from train import files, train
 
     files.quiet_disk_full_tracebacks()
     try:
+        multihost.check_same_run(FLAGS.config)
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except errors.RunError as error:
         print(f"{error.prefix}: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    if jax.process_index() == 0:
+    except Exception as error:  # a bug or an unexpected failure: keeps its traceback
+        if jax.process_count() > 1:  # the one line that names the process among N logs
+            print(f"error: process {jax.process_index()} failed: {type(error).__name__}: "
+                  f"{error}", file=sys.stderr, flush=True)
+        raise
+    if jax.process_index() > 0:  # so that every process's agreement can be checked
+        print(f"process {jax.process_index()}: params_sha256 {results['params_sha256']}")
+    else:
         print(json.dumps(results, indent=2))
         print(
             f"test error {100 * results['test_error']:.2f}% "

@@ -283,7 +283,7 @@ def train_and_evaluate(
                             eval_metrics = evaluate(state, done)
                         if is_due(done, config.checkpoint_every_steps):
                             save_checkpoint(checkpoints, done, state, train_log)
-                    if guard.requested and done < num_steps:
+                    if guard.stop_at(done) and done < num_steps:
                         save_checkpoint(checkpoints, done, state, train_log)
                         checkpoints.wait_until_finished()
                         raise preemption.Preempted(done, guard.signal_name)

@@ -27,3 +27,15 @@ def test_preempted_names_the_step_and_how_to_resume():
     assert isinstance(preempted, errors.RunError)
     assert preempted.prefix == "stopped"
     assert preempted.exit_code == preemption.EXIT_PREEMPTED == 128 + signal.SIGTERM
+
+
+def test_a_multiprocess_guard_leaves_sigterm_to_jax():
+    # jax.distributed.initialize() installs JAX's preemption notifier for SIGTERM; replacing it
+    # left each host stopping at its own step (tests/train/test_multihost.py runs the real one).
+    before = signal.getsignal(signal.SIGTERM)
+    with preemption.PreemptionGuard(multiprocess=True) as guard:
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert not guard.stop_at(3)  # not distributed here: the sync service never fires
+    with preemption.PreemptionGuard(multiprocess=False) as guard:
+        assert signal.getsignal(signal.SIGTERM) is not before
+        assert not guard.stop_at(3)
