@@ -318,8 +318,11 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, unin
             data[::5] = bytes(b ^ 0xA5 for b in data[::5])
         path.write_bytes(bytes(data))
     results = run_to_completion(workdir)
-    log = log_of(workdir)
-    assert f"checkpoint at step {steps[-1]} is damaged" in log and "falling back" in log, log
+    # The whole log: a garbled array can also fail inside Orbax's reader coroutines, whose
+    # ignored exceptions print long TensorStore specs after the warning.
+    log = pathlib.Path(f"{workdir}.log").read_text()
+    warned = f"checkpoint at step {steps[-1]} is damaged" in log and "falling back" in log
+    assert warned, log[-4000:]
     assert results["resumed_from_step"] == steps[-2]
     assert results["params_sha256"] == uninterrupted
     assert (workdir / checkpointing.DAMAGED_DIR).is_dir()
