@@ -54,7 +54,9 @@ ALPHA_RANGE = {
 # Issue 14: small training subsets trained to zero training error, where softmax saturates.
 # The same recipe for every loss; the whole subset's clean saturation every 50 steps.
 SMALL_DATA_SUBSETS = (1000, 5000)
-SMALL_DATA_STEPS = 2000  # batch 64: 128 epochs of 1000 examples, 26 of 5000 (pilot: README)
+# Batch 64: 128 epochs of 1000 examples, 26 of 5000. Provisional: a proper pilot at this length
+# is not yet run; see results/small_data_pilot/README.md.
+SMALL_DATA_STEPS = 2000
 SMALL_DATA_LOSSES = {
     "softmax": {"loss": "softmax"},
     "label_smoothing_0.1": {"loss": "label_smoothing", "label_smoothing": 0.1},
