@@ -86,7 +86,7 @@ def jitted_batch_sums(apply_fn, dataset: str, threshold: float = 0.99):
 
 
 class TrainSaturation:
-    """The periodic whole-training-set saturation of a run, written to its metrics as train_full_*."""
+    """The periodic whole-training-set saturation of a run, written to metrics as train_full_*."""
 
     def __init__(self, config, jitted, images: np.ndarray, labels: np.ndarray, writer):
         self.config, self.jitted = config, jitted

@@ -239,7 +239,8 @@ def train_and_evaluate(
         # Data: the whole split in host memory; each process feeds its slice of every batch.
         train_images, train_labels = input_pipeline.load_split(
             config.dataset, "train", config.data_dir, prepare=config.prepare_data)
-        train_images, train_labels = input_pipeline.training_data(config, train_images, train_labels)
+        train_images, train_labels = input_pipeline.training_data(
+            config, train_images, train_labels)
         test_images, test_labels = input_pipeline.load_split(
             config.dataset, "test", config.data_dir, prepare=config.prepare_data)
         batches = input_pipeline.TrainBatches(
