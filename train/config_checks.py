@@ -27,6 +27,7 @@ NON_TRAJECTORY_KEYS = frozenset(
         "eval_batch_size",
         "log_every_steps",
         "eval_every_steps",
+        "train_saturation_every_steps",
         "checkpoint_every_steps",
         "max_checkpoints_to_keep",
         "progress_bar",
@@ -122,6 +123,22 @@ def validate_config(
         "eval_every_steps",
         config.eval_every_steps,
         "> 0, or -1 for once per epoch",
+    )
+    _check(
+        config.train_saturation_every_steps == -1 or config.train_saturation_every_steps > 0,
+        "train_saturation_every_steps",
+        config.train_saturation_every_steps,
+        "> 0, or -1 for off",
+    )
+    info = input_pipeline.DATASETS[config.dataset]
+    _check(
+        isinstance(config.train_subset, int)
+        and config.train_subset >= 0
+        and config.train_subset % info.num_classes == 0,
+        "train_subset",
+        config.train_subset,
+        f"0 (the whole split) or a positive multiple of the {info.num_classes} classes of "
+        f"{config.dataset} (the split size is checked when the data is loaded)",
     )
     num_devices = jax.device_count() if num_devices is None else num_devices
     num_processes = jax.process_count() if num_processes is None else num_processes

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train import prepare_data
+from train import errors, prepare_data
 
 # The registry lives with the data preparation (which does not import JAX); re-exported here for
 # the code that reads the data.
@@ -150,6 +150,66 @@ def _decode_split(
     shape = DATASETS[dataset].image_shape
     images = np.stack(images).astype(np.uint8).reshape((-1, *shape))
     return images, np.asarray(labels, dtype=np.int32)
+
+
+# The subset of `balanced_subset` is drawn from this seed, never from config.seed: every run and
+# every seed of a comparison trains on the same examples.
+SUBSET_SEED = 20171130
+
+
+def balanced_subset(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:
+    """The sorted indices of a fixed, class-balanced subset: `size // num_classes` per class.
+
+    A pure function of (labels, size): the examples of each class are drawn without replacement
+    from `SUBSET_SEED`, so every call, run and seed gets the same indices.
+
+    Args:
+      labels: int labels [N] of the whole split, in [0, num_classes).
+      size: examples in the subset, a positive multiple of `num_classes`.
+      num_classes: the classes of the dataset.
+
+    Returns:
+      int64 indices [size] into the split, sorted, without repeats.
+
+    Raises:
+      ValueError: `size` is not a positive multiple of `num_classes`, or a class has fewer than
+        `size // num_classes` examples.
+
+    Example:
+      >>> labels = np.array([0, 1, 0, 1, 0, 1])
+      >>> sorted(labels[balanced_subset(labels, 4, 2)].tolist())
+      [0, 0, 1, 1]
+    """
+    if size <= 0 or size % num_classes:
+        raise ValueError(f"subset size {size} is not a positive multiple of {num_classes} classes")
+    per_class = size // num_classes
+    rng = np.random.default_rng(SUBSET_SEED)
+    chosen = []
+    for label in range(num_classes):
+        members = np.flatnonzero(labels == label)
+        if len(members) < per_class:
+            raise ValueError(
+                f"a balanced subset of {size} needs {per_class} examples of class {label}; "
+                f"the split has {len(members)}")
+        chosen.append(rng.choice(members, per_class, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def training_data(config, images: np.ndarray, labels: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The training split, or its `config.train_subset` examples (0: the whole split).
+
+    Raises:
+      errors.ConfigError: the split has too few examples of a class for the subset.
+    """
+    if not config.train_subset:
+        return images, labels
+    try:
+        indices = balanced_subset(labels, config.train_subset,
+                                  DATASETS[config.dataset].num_classes)
+    except ValueError as error:
+        raise errors.ConfigError(f"config.train_subset={config.train_subset}: {error}") from None
+    return images[indices], labels[indices]
 
 
 class TrainBatches:

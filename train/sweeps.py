@@ -51,8 +51,37 @@ ALPHA_RANGE = {
     "noisy_a1.0_nonormgrad": {"loss": "noisy", "alpha": 1.0, "stop_norm_gradient": True},
 }
 
-GRIDS = {"main": MAIN, "alpha_range": ALPHA_RANGE}
-CONFIGURATIONS = {**MAIN, **ALPHA_RANGE}
+# Issue 14: small training subsets trained to zero training error, where softmax saturates.
+# The same recipe for every loss; the whole subset's clean saturation every 50 steps.
+SMALL_DATA_SUBSETS = (1000, 5000)
+# Batch 64: 128 epochs of 1000 examples, 26 of 5000. Provisional: a proper pilot at this length
+# is not yet run; see results/small_data_pilot/README.md.
+SMALL_DATA_STEPS = 2000
+SMALL_DATA_LOSSES = {
+    "softmax": {"loss": "softmax"},
+    "label_smoothing_0.1": {"loss": "label_smoothing", "label_smoothing": 0.1},
+    "noisy_a0.05": {"loss": "noisy", "alpha": 0.05},
+    "noisy_a0.1": {"loss": "noisy", "alpha": 0.1},
+    "noisy_a0.2": {"loss": "noisy", "alpha": 0.2},
+    "free_a0.1": {"loss": "noisy", "noise": "free", "alpha": 0.1},
+    "amplitude_a0.1": {"loss": "noisy", "noise": "amplitude", "alpha": 0.1},
+}
+SMALL_DATA = {
+    f"{name}_n{subset}": {
+        **overrides,
+        "train_subset": subset,
+        "num_steps": SMALL_DATA_STEPS,
+        "eval_every_steps": 250,
+        "train_saturation_every_steps": 50,
+        "log_every_steps": 50,
+        "checkpoint_every_steps": 500,
+    }
+    for subset in SMALL_DATA_SUBSETS
+    for name, overrides in SMALL_DATA_LOSSES.items()
+}
+
+GRIDS = {"main": MAIN, "alpha_range": ALPHA_RANGE, "small_data": SMALL_DATA}
+CONFIGURATIONS = {**MAIN, **ALPHA_RANGE, **SMALL_DATA}
 
 # The saturation plots compare these two. Their seed-0 runs also evaluate every 50 steps, which
 # changes what is reported, not what is trained (same batches, same noise, same parameters).

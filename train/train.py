@@ -40,6 +40,7 @@ from train import (
     input_pipeline,
     metric_writers,
     preemption,
+    saturation,
     steps,
 )
 from train.checkpointing import TrainTime
@@ -238,6 +239,8 @@ def train_and_evaluate(
         # Data: the whole split in host memory; each process feeds its slice of every batch.
         train_images, train_labels = input_pipeline.load_split(
             config.dataset, "train", config.data_dir, prepare=config.prepare_data)
+        train_images, train_labels = input_pipeline.training_data(
+            config, train_images, train_labels)
         test_images, test_labels = input_pipeline.load_split(
             config.dataset, "test", config.data_dir, prepare=config.prepare_data)
         batches = input_pipeline.TrainBatches(
@@ -265,6 +268,8 @@ def train_and_evaluate(
         train_log = TrainLog(writer, checks, progress, batch_size=config.batch_size,
                              first_step=start_step, earlier=earlier_time)
         evaluate = Evaluator(config, jitted, test_images, test_labels, writer, progress, num_steps)
+        train_saturation = saturation.TrainSaturation(config, jitted, train_images, train_labels,
+                                                      writer)
         is_due = lambda step, every: step % every == 0 or step == num_steps
         eval_metrics: dict[str, float] = {}
 
@@ -276,11 +281,12 @@ def train_and_evaluate(
                     done = step + 1
                     if is_due(done, config.log_every_steps):
                         train_log.write(done, checkpoints.latest_step())
-                    if is_due(done, eval_every):
+                    if is_due(done, eval_every) or train_saturation.is_due(done):
                         jax.block_until_ready(state)  # the pending steps are training time
                     with train_log.paused():
                         if is_due(done, eval_every):
                             eval_metrics = evaluate(state, done)
+                        train_saturation(state, done)
                         if is_due(done, config.checkpoint_every_steps):
                             save_checkpoint(checkpoints, done, state, train_log)
                     if guard.stop_at(done) and done < num_steps:

@@ -15,6 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data_dir = "~/tensorflow_datasets"
     config.prepare_data = True  # prepare the data offline on first use where possible
     config.augment = False  # CIFAR-10+: pad 4, random 32x32 crop, horizontal flip (on device)
+    # 0: the whole training split. N > 0: a fixed class-balanced subset of N examples, the same
+    # for every run and seed (input_pipeline.balanced_subset; N divisible by the class count).
+    config.train_subset = 0
 
     # Model.
     config.model = "small_cnn"  # small_cnn | vgg_mnist | vgg_cifar
@@ -49,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_batch_size = 1000
     config.log_every_steps = 50
     config.eval_every_steps = -1  # -1: at the end of every epoch
+    # > 0: every that many steps, the saturation of the whole training set (or subset) with clean
+    # logits, logged as train_full_* (train/saturation.py); -1: off.
+    config.train_saturation_every_steps = -1
     config.checkpoint_every_steps = 500
     config.max_checkpoints_to_keep = 2
     config.progress_bar = True
