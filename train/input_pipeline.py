@@ -254,8 +254,13 @@ class TrainBatches:
 
     def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         epoch, position = divmod(step, self.steps_per_epoch)
-        start = position * self.global_batch_size + self.process_index * self.local_batch_size
-        indices = np.sort(self.order(epoch)[start : start + self.local_batch_size])
+        start = position * self.global_batch_size
+        # Sort the whole global batch, then slice: row i of the global batch is the same example
+        # in every layout. (Sorting each process's slice instead permuted the global batch with
+        # the process count, and with it the per-position augmentation and loss noise.)
+        rows = np.sort(self.order(epoch)[start : start + self.global_batch_size])
+        local = self.process_index * self.local_batch_size
+        indices = rows[local : local + self.local_batch_size]
         return self.images[indices], self.labels[indices]
 
 
