@@ -9,6 +9,7 @@ reproducible from run to run. Gloo carries the cross-process collectives.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,10 +165,12 @@ def test_sigkill_of_one_process_stops_the_others_then_rerun_finishes_the_same(
         launched.kill()
     assert time.monotonic() - killed_at < 75
     assert launched.processes[0].returncode != 0, launched.log_tails()
-    # JAX's coordination service names the lost process (then aborts the survivor: the
+    # JAX's coordination service reports the lost process, then aborts the survivor (the
     # Python and C++ stacks that follow are JAX's and Orbax's, not yet reduced to one line).
-    assert any("Task 1 heartbeat timeout" in line for line in launched.logs[0]), (
-        launched.log_tails())
+    # Which report comes first depends on timing: the lost peer's heartbeat timeout, or the
+    # service telling every task that one has crashed (seen under load).
+    lost_peer = re.compile(r"Task 1 heartbeat timeout|tasks have crashed|tasks are unhealthy")
+    assert any(lost_peer.search(line) for line in launched.logs[0]), launched.log_tails()
     rerun = run(workdir, 2, 2)
     assert set(fingerprints(rerun)) == {results(two_by_two[0])["params_sha256"]}
 
