@@ -57,14 +57,11 @@ SMALL_DATA_SUBSETS = (1000, 5000)
 # Batch 64: 128 epochs of 1000 examples, 26 of 5000. Provisional: a proper pilot at this length
 # is not yet run; see results/small_data_pilot/README.md.
 SMALL_DATA_STEPS = 2000
+# The losses of the main and alpha-range grids, by the same names and overrides.
 SMALL_DATA_LOSSES = {
-    "softmax": {"loss": "softmax"},
-    "label_smoothing_0.1": {"loss": "label_smoothing", "label_smoothing": 0.1},
-    "noisy_a0.05": {"loss": "noisy", "alpha": 0.05},
-    "noisy_a0.1": {"loss": "noisy", "alpha": 0.1},
-    "noisy_a0.2": {"loss": "noisy", "alpha": 0.2},
-    "free_a0.1": {"loss": "noisy", "noise": "free", "alpha": 0.1},
-    "amplitude_a0.1": {"loss": "noisy", "noise": "amplitude", "alpha": 0.1},
+    name: dict({**MAIN, **ALPHA_RANGE}[name])
+    for name in ("softmax", "label_smoothing_0.1", "noisy_a0.05", "noisy_a0.1", "noisy_a0.2",
+                 "free_a0.1", "amplitude_a0.1")
 }
 SMALL_DATA = {
     f"{name}_n{subset}": {
