@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import noisy_softmax_jax
-from train import input_pipeline
+from train import input_pipeline, steps
 
 # saturation_metrics key -> logged name (without the train_full_ prefix).
 _KEYS = {"saturated_fraction": "saturated_fraction", "target_grad": "target_grad",
@@ -103,11 +103,9 @@ class TrainSaturation:
             return
         if self._sums_fn is None:
             self._sums_fn = jitted_batch_sums(state.apply_fn, self.config.dataset)
-        variables = {"params": state.params}
-        if state.batch_stats:
-            variables["batch_stats"] = state.batch_stats
         metrics = full_saturation(
-            state.apply_fn, variables, self.images, self.labels, dataset=self.config.dataset,
+            state.apply_fn, steps.model_variables(state, state.params), self.images,
+            self.labels, dataset=self.config.dataset,
             batch_size=self.config.eval_batch_size, global_batch=self.jitted.global_batch,
             sums_fn=self._sums_fn)
         self.writer.write(step, "train_full", metrics)

@@ -161,7 +161,8 @@ def compute_losses(
     )
 
 
-def _variables(state: TrainState, params) -> dict:
+def model_variables(state: TrainState, params) -> dict:
+    """The variables `state.apply_fn` takes: `params`, and the state's batch statistics if any."""
     if state.batch_stats:
         return {"params": params, "batch_stats": state.batch_stats}
     return {"params": params}
@@ -187,10 +188,10 @@ def train_step(
     def loss_fn(params):
         if has_batch_stats:
             output, updates = state.apply_fn(
-                _variables(state, params), inputs, train=True, mutable=["batch_stats"]
+                model_variables(state, params), inputs, train=True, mutable=["batch_stats"]
             )
         else:
-            output, updates = state.apply_fn(_variables(state, params), inputs, train=True), {}
+            output, updates = state.apply_fn(model_variables(state, params), inputs, train=True), {}
         loss = compute_losses(config, output, labels, noise_key, alpha).mean()
         return loss, (output, updates)
 
@@ -226,7 +227,7 @@ def eval_step(
 ) -> dict[str, jax.Array]:
     """Sums of the clean softmax loss and of correct predictions over the unmasked examples."""
     output = state.apply_fn(
-        _variables(state, state.params),
+        model_variables(state, state.params),
         input_pipeline.normalize(images, config.dataset),
         train=False,
     )
