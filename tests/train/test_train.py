@@ -217,3 +217,18 @@ def test_a_workdir_from_before_the_checkpoint_metadata_resumes(
         assert resumed["train_time_s"] > record["train_time_s"]
         assert train_time_at(old, 6).timed_steps == record["timed_steps"] + 3
     assert json.loads((old / "config.json").read_text())["stop_norm_gradient"] is False
+
+
+def test_the_host_runs_at_most_max_steps_ahead_of_the_devices(monkeypatch):
+    # Each added step beyond the bound waits for the step MAX_STEPS_AHEAD + 1 back, so no more
+    # than MAX_STEPS_AHEAD dispatched steps are ever unfinished (the multi-process deadlock).
+    waited = []
+    monkeypatch.setattr(train.jax, "block_until_ready", lambda x: waited.append(x) or x)
+    log = train.TrainLog(None, None, train.Progress(False, total=20, initial=0), batch_size=1,
+                         first_step=0, earlier=checkpointing.TrainTime())
+    metrics = [{"loss": jax.numpy.asarray(float(i))} for i in range(20)]
+    for step_metrics in metrics:
+        log.add(step_metrics)
+    assert train.MAX_STEPS_AHEAD < 32  # XLA:CPU's limit of computations in flight per device
+    assert [m is w for m, w in zip(metrics, waited)] == [True] * (20 - train.MAX_STEPS_AHEAD)
+    assert len(waited) == 20 - train.MAX_STEPS_AHEAD
