@@ -75,8 +75,8 @@ def main(argv):
 
     explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.distributed or any(value is not None for value in explicit):
-        # A lost peer ends the others through JAX's fatal log line naming the unhealthy task
-        # (an abort); absl's faulthandler would follow it with every thread's stack.
+        # A lost peer ends the others with one line (multihost.exit_on_lost_peer); where JAX
+        # still aborts, absl's faulthandler would follow with every thread's stack.
         faulthandler.disable()
         multihost.initialize(
             coordinator_address=FLAGS.coordinator_address,
@@ -100,6 +100,9 @@ def main(argv):
         print(f"{error.prefix}: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
     except Exception as error:  # a bug or an unexpected failure: keeps its traceback
+        peer = multihost.lost_peer(error) if jax.process_count() > 1 else None
+        if peer is not None:
+            multihost.exit_on_lost_peer(peer)
         if jax.process_count() > 1:  # the one line that names the process among N logs
             print(f"error: process {jax.process_index()} failed: {type(error).__name__}: "
                   f"{error}", file=sys.stderr, flush=True)

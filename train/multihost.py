@@ -6,6 +6,9 @@
   check_same_run    every process publishes a digest of each config key and of the code; any
                     difference stops every process with one line naming the differing keys,
                     before anything is written to the workdir.
+  lost_peer         recognises the errors that say another process is gone (a collective
+                    failing on a closed connection); `exit_on_lost_peer` then ends the process
+                    with one line instead of a traceback and JAX's abort at exit.
 
 Both run before anything touches a device. On one process `check_same_run` does nothing.
 """
@@ -14,7 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
+import re
+import sys
 from typing import Any
 
 import jax
@@ -36,6 +42,40 @@ class HostMismatchError(errors.RunError):
 
 class PeerError(errors.RunError):
     """Another process of a multi-host run failed or was lost."""
+
+
+# What JAX reports when a peer is gone: gloo's collectives when its sockets close or time out
+# (the first sign, within a step of a SIGKILL), the coordination service after missed heartbeats.
+_LOST_PEER = re.compile(
+    r"Gloo \w+ failed.*(Connection closed by peer|Connection reset|Read timeout|Timed out)"
+    r"|heartbeat timeout|tasks have crashed|tasks are unhealthy")
+
+
+def lost_peer(error: BaseException) -> PeerError | None:
+    """A PeerError if `error` (or an exception it chains) says another process is gone."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if _LOST_PEER.search(str(current)):
+            detail = " ".join(str(current).split())[:300]
+            return PeerError(
+                f"process {jax.process_index()} lost a peer ({detail}): another process of the "
+                "run died or was killed; see its log. Rerun every process to resume from the "
+                "last checkpoint.")
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def exit_on_lost_peer(peer: PeerError) -> None:
+    """Prints the one line of a PeerError and exits with its code, skipping JAX's exit hooks.
+
+    Not sys.exit: at exit JAX's distributed shutdown would wait for the lost peer, then abort
+    with the coordination service's error and a C++ stack trace.
+    """
+    print(f"{peer.prefix}: {peer}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(peer.exit_code)
 
 
 def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,
