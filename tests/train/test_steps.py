@@ -159,6 +159,17 @@ def test_compute_losses_gradient_through_the_norms(loss, stop_norm_gradient):
     np.testing.assert_array_equal(grads.logits, other_grads.logits)
 
 
+@pytest.mark.parametrize("loss", ["noisy", "softmax"])
+def test_compute_losses_of_the_fused_head_equal_the_dense_heads(loss):
+    config = config_with(loss=loss, alpha=0.5)
+    head, params, features, labels = head_and_features()
+    fused = nsj.FusedNoisySoftmaxHead(num_classes=5, chunk_size=2).apply(params, features)
+    expected = steps.compute_losses(config, head.apply(params, features), labels,
+                                    jax.random.key(0), 0.5)
+    np.testing.assert_allclose(
+        steps.compute_losses(config, fused, labels, jax.random.key(0), 0.5), expected, rtol=1e-5)
+
+
 def test_stop_norm_gradient_makes_the_amplitude_a_constant():
     """Parameter gradients equal those of the noisy loss given the amplitude as plain numbers
     (so not differentiated), and differ from those of the default."""
