@@ -2,7 +2,13 @@
 
 from noisy_softmax_jax.amplitude import KERNEL_LAYOUTS, safe_norm, target_amplitude
 from noisy_softmax_jax.diagnostics import saturation_metrics, top_class_fraction
-from noisy_softmax_jax.head import HeadOutput, NoisySoftmaxHead, head_output
+from noisy_softmax_jax.head import (
+    FusedHeadOutput,
+    FusedNoisySoftmaxHead,
+    HeadOutput,
+    NoisySoftmaxHead,
+    head_output,
+)
 from noisy_softmax_jax.large_class import (
     checked_fused_noisy_softmax_cross_entropy,
     fused_noisy_softmax_cross_entropy,
@@ -22,6 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "KERNEL_LAYOUTS",
     "NOISE_VARIANTS",
+    "FusedHeadOutput",
+    "FusedNoisySoftmaxHead",
     "HeadOutput",
     "NoisySoftmaxHead",
     "alpha_schedule",

@@ -14,10 +14,16 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
+from jax.sharding import Mesh
 
-from noisy_softmax_jax.amplitude import KernelLayout, checked_kernel, safe_norm
+from noisy_softmax_jax.amplitude import KernelLayout, checked_kernel, safe_norm, target_amplitude
+from noisy_softmax_jax.large_class import fused_noisy_softmax_cross_entropy
+from noisy_softmax_jax.large_class_top_k import fused_top_k
 
-__all__ = ["HeadOutput", "NoisySoftmaxHead", "head_output"]
+__all__ = [
+    "FusedHeadOutput", "FusedNoisySoftmaxHead", "HeadOutput", "NoisySoftmaxHead", "head_output",
+]
 
 
 class HeadOutput(NamedTuple):
@@ -143,3 +149,132 @@ class NoisySoftmaxHead(nn.Module):
         bias = (self.param("bias", self.bias_init, (self.num_classes,), self.param_dtype)
                 if self.use_bias else None)
         return head_output(features, kernel, bias, dtype=self.dtype)
+
+
+@struct.dataclass
+class FusedHeadOutput:
+    """What the fused heads return: the features and class weights, and how to split the classes.
+
+    A pytree (``features`` and ``kernel`` are its leaves; the rest is static), so it
+    passes through ``jax.jit`` and ``jax.grad`` like :class:`HeadOutput`. Nothing of
+    shape ``[batch, classes]`` is computed until asked for, and :meth:`loss` and
+    :meth:`top_k` never ask: they go through the classes block by block.
+
+    Attributes:
+      features: The head's input :math:`x`, shape ``[batch, num_features]``.
+      kernel: The class weights :math:`W`, shape ``[num_features, num_classes]``.
+      chunk_size: Classes per block (``None``: the loss's default).
+      mesh: Optional ``jax.sharding.Mesh`` whose ``class_axis`` splits the classes.
+      class_axis: The mesh axis that splits the classes.
+    """
+
+    features: jax.Array
+    kernel: jax.Array
+    chunk_size: int | None = struct.field(pytree_node=False, default=None)
+    mesh: Mesh | None = struct.field(pytree_node=False, default=None)
+    class_axis: str | None = struct.field(pytree_node=False, default=None)
+
+    def loss(
+        self,
+        labels: jax.typing.ArrayLike,
+        rng: jax.Array,
+        alpha: jax.typing.ArrayLike,
+        *,
+        noise: str = "annealed",
+        sigma: jax.typing.ArrayLike = 1.0,
+        where: jax.typing.ArrayLike | None = None,
+        shared_noise: bool = False,
+        negative: bool = False,
+    ) -> jax.Array:
+        """Per-example noisy softmax losses, ``[batch]``, without the logits.
+
+        :func:`noisy_softmax_jax.fused_noisy_softmax_cross_entropy` of ``features`` and
+        ``kernel`` with this output's ``chunk_size``, ``mesh`` and ``class_axis``: the
+        value and gradients of the materialised head's
+        ``noisy_softmax_cross_entropy(out.logits, labels, rng, alpha,
+        amplitude=out.amplitude(labels), ...)`` for the same key. ``alpha = 0`` is
+        plain softmax cross-entropy. The arguments are the loss's.
+        """
+        return fused_noisy_softmax_cross_entropy(
+            self.features, self.kernel, labels, rng, alpha, noise=noise, sigma=sigma,
+            where=where, shared_noise=shared_noise, negative=negative,
+            chunk_size=self.chunk_size, mesh=self.mesh, class_axis=self.class_axis)
+
+    def top_k(self, k: int) -> tuple[jax.Array, jax.Array]:
+        """The ``k`` largest clean logits and their classes, ``[batch, k]`` each, largest first.
+
+        :func:`noisy_softmax_jax.fused_top_k`, for top-1 / top-k accuracy at evaluation.
+        """
+        return fused_top_k(self.features, self.kernel, k, chunk_size=self.chunk_size,
+                           mesh=self.mesh, class_axis=self.class_axis)
+
+    def amplitude(self, labels: jax.typing.ArrayLike) -> jax.Array:
+        """Per-example :math:`\\|W_y\\|\\|x\\|`, shape ``[batch]``, from the labelled columns."""
+        return target_amplitude(self.features, self.kernel, labels)
+
+
+class FusedNoisySoftmaxHead(nn.Module):
+    r"""A Flax Linen noisy softmax head for very many classes: its loss never forms the logits.
+
+    .. math::
+      \ell = \log\Big(e^{\tilde f_y} + \sum_{j \ne y} e^{x^\top W_j}\Big) - \tilde f_y
+
+    The parameter is :class:`NoisySoftmaxHead`'s: ``kernel``, ``[num_features,
+    num_classes]``, with the same initializer, so with the same key and module name the
+    two heads have the same parameters and a checkpoint of one loads into the other.
+    Calling the head returns a :class:`FusedHeadOutput`; its ``loss`` is
+    :func:`noisy_softmax_jax.fused_noisy_softmax_cross_entropy` (values and gradients of
+    the materialised head with :func:`noisy_softmax_jax.noisy_softmax_cross_entropy`),
+    its ``top_k`` is :func:`noisy_softmax_jax.fused_top_k`. Bias-free, as in the paper.
+    For Flax NNX use :class:`noisy_softmax_jax.nnx.FusedNoisySoftmaxHead`.
+
+    Attributes:
+      num_classes: Number of classes.
+      chunk_size: Classes per block (default: about 2**21 / batch, a multiple of 128).
+      mesh: Optional ``jax.sharding.Mesh`` to split the classes over; needs ``class_axis``.
+      class_axis: The mesh axis that splits the classes.
+      dtype: Computation dtype (default: inferred from inputs); bfloat16 is
+        multiplied with float32 accumulation and the loss is float32.
+      param_dtype: Dtype of the kernel.
+      kernel_init: Initializer of the kernel.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from noisy_softmax_jax import FusedNoisySoftmaxHead
+      >>> head = FusedNoisySoftmaxHead(num_classes=1000, chunk_size=256)
+      >>> features = jnp.ones((4, 32))
+      >>> params = head.init(jax.random.key(0), features)
+      >>> labels = jnp.array([0, 1, 2, 999])
+      >>> loss = head.apply(params, features, labels, jax.random.key(1), 0.1, method="loss")
+      >>> values, classes = head.apply(params, features, 5, method="top_k")
+      >>> loss.shape, classes.shape
+      ((4,), (4, 5))
+      >>> out = head.apply(params, features)  # inside a model: the output, then its loss
+      >>> bool(jnp.allclose(out.loss(labels, jax.random.key(1), 0.1), loss))
+      True
+    """
+
+    num_classes: int
+    chunk_size: int | None = None
+    mesh: Mesh | None = None
+    class_axis: str | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, features: jax.Array) -> FusedHeadOutput:
+        kernel = self.param(
+            "kernel", self.kernel_init, (features.shape[-1], self.num_classes), self.param_dtype)
+        features, kernel = nn.dtypes.promote_dtype(features, kernel, dtype=self.dtype)
+        return FusedHeadOutput(features, kernel, chunk_size=self.chunk_size, mesh=self.mesh,
+                               class_axis=self.class_axis)
+
+    def loss(self, features: jax.Array, labels: jax.typing.ArrayLike, rng: jax.Array,
+             alpha: jax.typing.ArrayLike, **kwargs: Any) -> jax.Array:
+        """``self(features).loss(labels, rng, alpha, **kwargs)``: :meth:`FusedHeadOutput.loss`."""
+        return self(features).loss(labels, rng, alpha, **kwargs)
+
+    def top_k(self, features: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+        """``self(features).top_k(k)``; see :meth:`FusedHeadOutput.top_k`."""
+        return self(features).top_k(k)

@@ -1,7 +1,9 @@
-"""The noisy softmax's classifier head for Flax NNX.
+"""The noisy softmax's classifier heads for Flax NNX.
 
-Import it as ``from noisy_softmax_jax.nnx import NoisySoftmaxHead``; the Flax
-Linen head of the same name is :class:`noisy_softmax_jax.NoisySoftmaxHead`.
+Import them as ``from noisy_softmax_jax.nnx import NoisySoftmaxHead`` (and
+``FusedNoisySoftmaxHead``, for very many classes); the Flax Linen heads of the
+same names are :class:`noisy_softmax_jax.NoisySoftmaxHead` and
+:class:`noisy_softmax_jax.FusedNoisySoftmaxHead`.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
-from noisy_softmax_jax.head import HeadOutput, head_output
+from noisy_softmax_jax.head import FusedHeadOutput, HeadOutput, head_output
 
-__all__ = ["HeadOutput", "NoisySoftmaxHead"]
+__all__ = ["FusedHeadOutput", "FusedNoisySoftmaxHead", "HeadOutput", "NoisySoftmaxHead"]
 
 # nnx.Linear's defaults.
 _default_kernel_init = nnx.initializers.lecun_normal()
@@ -82,3 +85,77 @@ class NoisySoftmaxHead(nnx.Module):
     def __call__(self, features: jax.Array) -> HeadOutput:
         bias = self.bias[...] if self.bias is not None else None
         return head_output(features, self.kernel[...], bias, dtype=self.dtype)
+
+
+class FusedNoisySoftmaxHead(nnx.Module):
+    """A Flax NNX noisy softmax head for very many classes: its loss never forms the logits.
+
+    The NNX twin of the Linen :class:`noisy_softmax_jax.FusedNoisySoftmaxHead`. Its
+    parameter is :class:`NoisySoftmaxHead`'s, ``kernel`` ``[in_features, num_classes]``
+    drawn by the same initializer from the same stream, so the two heads built from the
+    same ``nnx.Rngs`` hold the same kernel. Calling it returns a
+    :class:`~noisy_softmax_jax.FusedHeadOutput`; :meth:`loss` is
+    :func:`noisy_softmax_jax.fused_noisy_softmax_cross_entropy` and :meth:`top_k` is
+    :func:`noisy_softmax_jax.fused_top_k`, with the head's ``chunk_size``, ``mesh`` and
+    ``class_axis``.
+
+    Args:
+      in_features: Size of the feature vector.
+      num_classes: Number of classes.
+      chunk_size: Classes per block (default: about 2**21 / batch, a multiple of 128).
+      mesh: Optional ``jax.sharding.Mesh`` to split the classes over; needs ``class_axis``.
+      class_axis: The mesh axis that splits the classes.
+      dtype: Computation dtype (default: inferred from inputs).
+      param_dtype: Dtype of the kernel.
+      kernel_init: Initializer of the kernel.
+      rngs: The ``nnx.Rngs`` the kernel is drawn from (its ``params`` stream).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from noisy_softmax_jax.nnx import FusedNoisySoftmaxHead
+      >>> head = FusedNoisySoftmaxHead(32, 1000, chunk_size=256, rngs=nnx.Rngs(0))
+      >>> features, labels = jnp.ones((4, 32)), jnp.array([0, 1, 2, 999])
+      >>> loss, grads = nnx.value_and_grad(
+      ...     lambda head: head.loss(features, labels, jax.random.key(1), 0.1).mean())(head)
+      >>> values, classes = head.top_k(features, 5)
+      >>> loss.shape, grads["kernel"].shape, classes.shape
+      ((), (32, 1000), (4, 5))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        chunk_size: int | None = None,
+        mesh: Mesh | None = None,
+        class_axis: str | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        kernel_init: Callable[..., jax.Array] = _default_kernel_init,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.chunk_size = chunk_size
+        self.mesh = mesh
+        self.class_axis = class_axis
+        self.dtype = dtype
+        self.kernel = nnx.Param(
+            kernel_init(rngs.params(), (in_features, num_classes), param_dtype))
+
+    def __call__(self, features: jax.Array) -> FusedHeadOutput:
+        features, kernel = nnx.nn.dtypes.promote_dtype(
+            (features, self.kernel[...]), dtype=self.dtype)
+        return FusedHeadOutput(features, kernel, chunk_size=self.chunk_size, mesh=self.mesh,
+                               class_axis=self.class_axis)
+
+    def loss(self, features: jax.Array, labels: jax.typing.ArrayLike, rng: jax.Array,
+             alpha: jax.typing.ArrayLike, **kwargs: Any) -> jax.Array:
+        """``self(features).loss(labels, rng, alpha, **kwargs)``: per-example losses ``[batch]``."""
+        return self(features).loss(labels, rng, alpha, **kwargs)
+
+    def top_k(self, features: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+        """``self(features).top_k(k)``: the ``k`` largest logits and their classes."""
+        return self(features).top_k(k)

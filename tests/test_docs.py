@@ -22,7 +22,8 @@ def test_sphinx_builds_the_docs_with_warnings_as_errors(tmp_path):
 
     for name in noisy_softmax_jax.__all__:  # every public name has its entry
         assert f'id="noisy_softmax_jax.{name}"' in api, f"{name} is missing from docs/api.rst"
-    assert 'id="noisy_softmax_jax.nnx.NoisySoftmaxHead"' in api
+    for name in ("NoisySoftmaxHead", "FusedNoisySoftmaxHead"):
+        assert f'id="noisy_softmax_jax.nnx.{name}"' in api
     usage = (tmp_path / "usage.html").read_text()
     assert "nnx.Optimizer" in usage.replace('<span class="o">.</span>', ".").replace(
         '<span class="n">', "").replace("</span>", "")

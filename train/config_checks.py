@@ -80,6 +80,13 @@ def validate_config(
         )
     _choice(config, "dataset", tuple(input_pipeline.DATASETS))
     _choice(config, "model", models.MODELS)
+    _choice(config, "head", models.HEADS)
+    _check(
+        isinstance(config.fused_chunk_size, int) and config.fused_chunk_size >= 0,
+        "fused_chunk_size",
+        config.fused_chunk_size,
+        "an integer >= 0 (0: the fused loss's default)",
+    )
     _choice(config, "loss", steps.LOSSES)
     _choice(config, "noise", NOISE_VARIANTS)
     _choice(config, "lr_schedule", steps.LR_SCHEDULES)
@@ -98,6 +105,26 @@ def validate_config(
         config.stop_norm_gradient,
         "True or False",
     )
+    if config.head == "fused":
+        # What the fused head cannot do without the logits it never forms.
+        _check(
+            config.loss in ("softmax", "noisy"),
+            "loss",
+            config.loss,
+            "'softmax' or 'noisy' with config.head='fused' (label smoothing needs the logits)",
+        )
+        _check(
+            not config.stop_norm_gradient,
+            "stop_norm_gradient",
+            config.stop_norm_gradient,
+            "False with config.head='fused' (its loss computes the norms inside)",
+        )
+        _check(
+            config.train_saturation_every_steps == -1,
+            "train_saturation_every_steps",
+            config.train_saturation_every_steps,
+            "-1 with config.head='fused' (the full-set saturation reads the logits)",
+        )
     _check(0 <= config.momentum < 1, "momentum", config.momentum, "in [0, 1)")
     _check(config.weight_decay >= 0, "weight_decay", config.weight_decay, ">= 0")
     _check(0 <= config.label_smoothing < 1, "label_smoothing", config.label_smoothing, "in [0, 1)")

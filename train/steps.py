@@ -114,7 +114,7 @@ def create_train_state(
 
 def compute_losses(
     config,
-    output: noisy_softmax_jax.HeadOutput,
+    output: noisy_softmax_jax.HeadOutput | noisy_softmax_jax.FusedHeadOutput,
     labels: jax.Array,
     rng: jax.Array,
     alpha: jax.Array,
@@ -124,10 +124,12 @@ def compute_losses(
     With `config.stop_norm_gradient`, the head's norms ||x|| and ||W_j|| enter the loss as
     constants: the noisy loss's amplitude ||W_y|| ||x|| passes no gradient, while the logits
     still do (an ablation of how the network can shrink its features to escape the noise).
+    The fused head's output (config.head = "fused") gives the same losses without logits:
+    softmax is its loss at alpha = 0.
 
     Args:
       config: the run's config (`loss`, `stop_norm_gradient` and the loss's own keys).
-      output: the head's logits and norms.
+      output: the head's logits and norms, or the fused head's features and kernel.
       labels: integer labels, shape `output.logits.shape[:-1]`.
       rng: the key of the noise (noisy loss only).
       alpha: the noise level at this step (noisy loss only).
@@ -135,6 +137,10 @@ def compute_losses(
     Returns:
       The per-example losses, shape `labels.shape`.
     """
+    if isinstance(output, noisy_softmax_jax.FusedHeadOutput):
+        if config.loss == "softmax":
+            return output.loss(labels, rng, 0.0)
+        return output.loss(labels, rng, alpha, **_noise_options(config))
     if config.stop_norm_gradient:
         output = output._replace(
             feature_norm=jax.lax.stop_gradient(output.feature_norm),
@@ -154,11 +160,13 @@ def compute_losses(
         rng,
         alpha,
         amplitude=output.amplitude(labels),
-        noise=config.noise,
-        sigma=config.sigma,
-        shared_noise=config.shared_noise,
-        negative=config.negative,
+        **_noise_options(config),
     )
+
+
+def _noise_options(config) -> dict[str, Any]:
+    return dict(noise=config.noise, sigma=config.sigma, shared_noise=config.shared_noise,
+                negative=config.negative)
 
 
 def model_variables(state: TrainState, params) -> dict:
@@ -199,6 +207,20 @@ def train_step(
     new_state = state.apply_gradients(
         grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats)
     )
+    metrics = {
+        "loss": loss,
+        "learning_rate": learning_rate(state.step),
+        "alpha": jnp.asarray(alpha, jnp.float32),
+        **_batch_diagnostics(config, output, labels, noise_key, alpha),
+    }
+    return new_state, metrics
+
+
+def _batch_diagnostics(config, output, labels, noise_key, alpha) -> dict[str, jax.Array]:
+    """The step's accuracy and saturation diagnostics (fused head: the two that need no logits)."""
+    if isinstance(output, noisy_softmax_jax.FusedHeadOutput):
+        return {"accuracy": jnp.mean(_top1(output) == labels),
+                "amplitude": jnp.mean(output.amplitude(labels)).astype(jnp.float32)}
     noisy = config.loss == "noisy"
     diagnostics = noisy_softmax_jax.saturation_metrics(
         output.logits,
@@ -206,20 +228,17 @@ def train_step(
         amplitude=output.amplitude(labels),
         rng=noise_key if noisy else None,
         alpha=alpha if noisy else 0.0,
-        noise=config.noise,
-        sigma=config.sigma,
-        shared_noise=config.shared_noise,
-        negative=config.negative,
+        **_noise_options(config),
     )
-    metrics = {
-        "loss": loss,
+    return {
         "accuracy": jnp.mean(jnp.argmax(output.logits, -1) == labels),
-        "learning_rate": learning_rate(state.step),
-        "alpha": jnp.asarray(alpha, jnp.float32),
         "top_class_fraction": noisy_softmax_jax.top_class_fraction(output.logits),
         **diagnostics,
     }
-    return new_state, metrics
+
+
+def _top1(output: noisy_softmax_jax.FusedHeadOutput) -> jax.Array:
+    return output.top_k(1)[1][:, 0]
 
 
 def eval_step(
@@ -231,8 +250,13 @@ def eval_step(
         input_pipeline.normalize(images, config.dataset),
         train=False,
     )
-    losses = optax.softmax_cross_entropy_with_integer_labels(output.logits, labels)
-    correct = jnp.argmax(output.logits, -1) == labels
+    if isinstance(output, noisy_softmax_jax.FusedHeadOutput):
+        # alpha = 0: the clean softmax loss, whatever the key.
+        losses = output.loss(labels, jax.random.key(0), 0.0)
+        correct = _top1(output) == labels
+    else:
+        losses = optax.softmax_cross_entropy_with_integer_labels(output.logits, labels)
+        correct = jnp.argmax(output.logits, -1) == labels
     return {
         "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
         "correct": jnp.sum(correct & mask),
@@ -275,7 +299,8 @@ def jitted_functions(config, num_steps: int, devices: Sequence[jax.Device]) -> J
     sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     learning_rate = learning_rate_schedule(config, num_steps)
     alpha_fn = alpha_schedule(config, num_steps)
-    model = models.create_model(config.model, info.num_classes)
+    model = models.create_model(config.model, info.num_classes, head=config.head,
+                                fused_chunk_size=config.fused_chunk_size or None)
     tx = create_optimizer(config, learning_rate)
     functions = JittedFunctions(
         init=jax.jit(

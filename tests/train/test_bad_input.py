@@ -40,6 +40,20 @@ def config_with(**overrides):
         ({"model": "resnet"}, r"config\.model='resnet' .* 'small_cnn'"),
         ({"lr_schedule": "exp"}, r"config\.lr_schedule='exp' .* 'cosine', 'step', 'constant'"),
         ({"lr_decay_at": (0.8, 0.5)}, r"config\.lr_decay_at"),
+        ({"head": "sparse"}, r"config\.head='sparse' .* 'dense', 'fused'"),
+        ({"fused_chunk_size": -1}, r"config\.fused_chunk_size=-1 is invalid"),
+        (
+            {"head": "fused", "loss": "label_smoothing"},
+            r"config\.loss='label_smoothing' is invalid: .*head='fused'",
+        ),
+        (
+            {"head": "fused", "stop_norm_gradient": True},
+            r"config\.stop_norm_gradient=True is invalid: .*head='fused'",
+        ),
+        (
+            {"head": "fused", "train_saturation_every_steps": 100},
+            r"config\.train_saturation_every_steps=100 is invalid: .*head='fused'",
+        ),
         (
             {"learnin_rate": 0.1},
             r"unknown config key\(s\) learnin_rate; allowed keys: .*learning_rate",

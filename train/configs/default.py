@@ -21,6 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Model.
     config.model = "small_cnn"  # small_cnn | vgg_mnist | vgg_cifar
+    # dense: NoisySoftmaxHead (logits, then the loss). fused: FusedNoisySoftmaxHead, the same
+    # parameters, with the loss and accuracy computed from features and kernel block by block,
+    # never the [batch, classes] logits (for very many classes; loss softmax or noisy only).
+    config.head = "dense"  # dense | fused
+    config.fused_chunk_size = 0  # classes per block of the fused head; 0: the loss's default
 
     # Loss.
     config.loss = "noisy"  # softmax | noisy | label_smoothing
