@@ -211,11 +211,7 @@ def test_classes_features_layout_equals_the_default_on_the_transpose(chunk_size,
     loss, grads = value_and_grads(layout, features, kernel)
     expected_loss, expected_grads = value_and_grads(default, features, kernel)
     assert_close(loss, expected_loss, 1e-6)
-    assert_close(grads, expected_grads, 1e-6)
-    # And both against the materialised loss.
-    _, reference_grads = value_and_grads(both(features, kernel, labels, rng, **kwargs)[1],
-                                         features, kernel)
-    assert_close(grads, reference_grads, 1e-5)
+    assert_close(grads, expected_grads, 1e-6)  # the default layout is pinned to materialised above
 
 
 def test_classes_features_kernel_gradient_has_the_kernel_shape_and_dtype():
