@@ -10,10 +10,15 @@ Two tables, float32 and bfloat16:
 * time: both run, interleaved round by round in one process, at sizes where the
   materialised version fits; ``ratio`` is fused / materialised (medians), ``paired`` the
   median of the per-round ratios.
+* with ``--layouts``, a third table: the fused loss on a ``[classes, dim]`` kernel
+  (``kernel_layout="classes_features"``, Equinox's and PyTorch's layout) against the same
+  kernel as ``[dim, classes]``, timed interleaved the same way; ``ratio`` is
+  classes_features / features_classes.
 
     python benchmarks/large_class_bench.py                   # batch 512, dim 512; 100k/1M/4M
     python benchmarks/large_class_bench.py --quick           # small sizes, seconds
     python benchmarks/large_class_bench.py --json out.json --time-classes 100000
+    python benchmarks/large_class_bench.py --memory-classes --layouts   # layouts' time only
 """
 
 from __future__ import annotations
@@ -33,21 +38,29 @@ from benchmarks import _timing  # noqa: E402
 ALPHA = 0.1
 
 
-def make_steps(chunk_size=None):
-    """The jitted value-and-gradient steps of both losses, keyed by name."""
+def fused_step(chunk_size=None, kernel_layout="features_classes"):
+    """The jitted value-and-gradient step of the fused loss."""
     rng = jax.random.key(0)
 
     def fused(features, kernel, labels, alpha):
         return nsj.fused_noisy_softmax_cross_entropy(
-            features, kernel, labels, rng, alpha, chunk_size=chunk_size).mean()
+            features, kernel, labels, rng, alpha, chunk_size=chunk_size,
+            kernel_layout=kernel_layout).mean()
+
+    return jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))
+
+
+def make_steps(chunk_size=None):
+    """The jitted value-and-gradient steps of both losses, keyed by name."""
+    rng = jax.random.key(0)
 
     def materialised(features, kernel, labels, alpha):
         return nsj.noisy_softmax_cross_entropy(
             features @ kernel, labels, rng, alpha,
             amplitude=nsj.target_amplitude(features, kernel, labels)).mean()
 
-    return {name: jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
-            for name, fn in (("fused", fused), ("materialised", materialised))}
+    return {"fused": fused_step(chunk_size),
+            "materialised": jax.jit(jax.value_and_grad(materialised, argnums=(0, 1)))}
 
 
 def shapes(batch, dim, num_classes, dtype):
@@ -82,20 +95,45 @@ def time_once(fn, *args):
     return time.perf_counter() - start
 
 
-def time_row(steps, batch, dim, num_classes, dtype, *, min_repeats, budget_s):
-    args = make_inputs(batch, dim, num_classes, dtype)
-    for step in steps.values():  # compile and warm up
+def interleaved(calls, *, min_repeats, budget_s):
+    """Times ``{name: (step, args)}`` interleaved, after two warm-up calls of each."""
+    for step, args in calls.values():  # compile and warm up
         for _ in range(2):
             jax.block_until_ready(step(*args))
-    times, repeats = _timing.interleaved_times(
-        {name: lambda step=step: time_once(step, *args) for name, step in steps.items()},
+    return _timing.interleaved_times(
+        {name: lambda step=step, args=args: time_once(step, *args)
+         for name, (step, args) in calls.items()},
         min_repeats=min_repeats, budget_s=budget_s)
+
+
+def time_row(steps, batch, dim, num_classes, dtype, *, min_repeats, budget_s):
+    args = make_inputs(batch, dim, num_classes, dtype)
+    times, repeats = interleaved({name: (step, args) for name, step in steps.items()},
+                                 min_repeats=min_repeats, budget_s=budget_s)
     median = _timing.medians(times)
     return {"batch": batch, "dim": dim, "num_classes": num_classes,
             "dtype": jnp.dtype(dtype).name, "repeats": repeats,
             "fused_s": median["fused"], "materialised_s": median["materialised"],
             "ratio": median["fused"] / median["materialised"],
             "paired_ratio": _timing.paired_ratio(times, "fused", "materialised")}
+
+
+def layout_row(chunk_size, batch, dim, num_classes, dtype, *, min_repeats, budget_s):
+    """The fused step on a [classes, dim] kernel against the same kernel as [dim, classes]."""
+    features, kernel, labels, alpha = make_inputs(batch, dim, num_classes, dtype)
+    # Transposed once, before timing: the stored layout of an Equinox or PyTorch weight.
+    weight = jnp.array(kernel.T)
+    times, repeats = interleaved({
+        layout: (fused_step(chunk_size, layout), (features, w, labels, alpha))
+        for layout, w in (("features_classes", kernel), ("classes_features", weight))},
+        min_repeats=min_repeats, budget_s=budget_s)
+    median = _timing.medians(times)
+    return {"batch": batch, "dim": dim, "num_classes": num_classes,
+            "dtype": jnp.dtype(dtype).name, "repeats": repeats,
+            "features_classes_s": median["features_classes"],
+            "classes_features_s": median["classes_features"],
+            "ratio": median["classes_features"] / median["features_classes"],
+            "paired_ratio": _timing.paired_ratio(times, "classes_features", "features_classes")}
 
 
 def main(argv=None):
@@ -113,6 +151,11 @@ def main(argv=None):
                         help="seconds of timing per row (default 60, quick 2)")
     parser.add_argument("--min-repeats", type=int, default=None,
                         help="timed rounds at least (default 7, quick 3)")
+    parser.add_argument("--layouts", action="store_true",
+                        help="also time the fused loss on a [classes, dim] kernel against "
+                             "[dim, classes] at --time-classes")
+    parser.add_argument("--skip-materialised", action="store_true",
+                        help="no time table of fused against materialised (with --layouts)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -144,15 +187,32 @@ def main(argv=None):
           f"{'paired':>6} {'n':>4}")
     timing = []
     for dtype in args.dtypes:
-        for num_classes in time_classes:
+        for num_classes in time_classes if not args.skip_materialised else ():
             row = time_row(steps, args.batch, args.dim, num_classes, jnp.dtype(dtype),
                            min_repeats=min_repeats, budget_s=budget)
             timing.append(row)
             print(f"{num_classes:>10} {row['dtype']:>8} {row['fused_s']:9.3f} "
                   f"{row['materialised_s']:9.3f} {row['ratio']:6.3f} {row['paired_ratio']:6.3f} "
                   f"{row['repeats']:4d}", flush=True)
-    _timing.write_json(args.json, timing, memory=memory, alpha=ALPHA, chunk_size=args.chunk_size)
-    return memory, timing
+    layouts = []
+    if args.layouts:
+        print(f"# time: fused, kernel [classes, dim] / [dim, classes]; batch {args.batch}, "
+              f"dim {args.dim}")
+        print(f"{'classes':>10} {'dtype':>8} {'layout':>16} {'[dim,cls] s':>11} "
+              f"{'[cls,dim] s':>11} {'ratio':>6} {'paired':>6} {'n':>4}")
+        for dtype in args.dtypes:
+            for num_classes in time_classes:
+                row = layout_row(args.chunk_size, args.batch, args.dim, num_classes,
+                                 jnp.dtype(dtype), min_repeats=min_repeats, budget_s=budget)
+                layouts.append(row)
+                # Eight columns, so gpu_check.sh's parser of the seven-column table skips them.
+                print(f"{num_classes:>10} {row['dtype']:>8} {'classes_features':>16} "
+                      f"{row['features_classes_s']:11.3f} {row['classes_features_s']:11.3f} "
+                      f"{row['ratio']:6.3f} {row['paired_ratio']:6.3f} {row['repeats']:4d}",
+                      flush=True)
+    _timing.write_json(args.json, timing, memory=memory, layouts=layouts, alpha=ALPHA,
+                       chunk_size=args.chunk_size)
+    return memory, timing, layouts
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import noisy_softmax_jax
 from noisy_softmax_jax import _validation
-from noisy_softmax_jax.amplitude import safe_norm
+from noisy_softmax_jax.amplitude import KernelLayout, checked_kernel, safe_norm
 
 __all__ = ["checked_fused_noisy_softmax_cross_entropy", "fused_noisy_softmax_cross_entropy"]
 
@@ -36,13 +36,17 @@ _CHUNK_MULTIPLE = 128  # lane width of accelerators; keeps blocks aligned on eve
 class _Config(NamedTuple):
     """The static (hashable) part of a call: what jit specializes on."""
 
-    noise: str
-    shared_noise: bool
-    negative: bool
     chunk_size: int
     mesh: Mesh | None
     class_axis: str | None
     batch_axes: tuple[str, ...]
+    # The kernel's dimension that holds the classes: 1 for [dim, classes] (Flax), 0 for
+    # [classes, dim] (Equinox, PyTorch). Blocks are sliced along it as the kernel is stored.
+    kernel_class_dim: int
+    # The noise, for the loss only (fused_top_k has none).
+    noise: str = "annealed"
+    shared_noise: bool = False
+    negative: bool = False
 
 
 def _compute_dtype(*dtypes) -> jnp.dtype:
@@ -57,13 +61,17 @@ def _dot(a, b, contract, dtype):
                                preferred_element_type=dtype)
 
 
-def _over_blocks(body, carry, kernel, chunk_size):
-    """Folds ``body(carry, block, start)`` over the ``[dim, chunk]`` column blocks of ``kernel``.
+def _over_blocks(body, carry, kernel, chunk_size, class_dim):
+    """Folds ``body(carry, block, start)`` over the blocks of ``chunk_size`` classes of ``kernel``.
 
-    The full blocks go through one loop; a last partial block is sliced statically and run
-    once after it, so nothing is padded (padding the kernel would copy it whole).
+    Blocks are sliced along ``class_dim``, the kernel's class dimension, and handed to
+    ``body`` in the kernel's layout (``[dim, chunk]`` or ``[chunk, dim]``): nothing is
+    transposed, neither the kernel nor a block (XLA:CPU copies a transposed block rather
+    than folding the transpose into the matmul). The full blocks go through one loop; a last
+    partial block is sliced statically and run once after it, so nothing is padded (padding
+    the kernel would copy it whole).
     """
-    num_classes = kernel.shape[1]
+    num_classes = kernel.shape[class_dim]
     full, rest = divmod(num_classes, chunk_size)
 
     def step(index, carry):
@@ -72,15 +80,26 @@ def _over_blocks(body, carry, kernel, chunk_size):
         # convert(slice(kernel)) as slice(convert(kernel)) and hoists a float32 copy of the
         # whole kernel out of the loop.
         whole, start = jax.lax.optimization_barrier((kernel, index * chunk_size))
-        block = jax.lax.dynamic_slice_in_dim(whole, start, chunk_size, axis=1)
+        block = jax.lax.dynamic_slice_in_dim(whole, start, chunk_size, axis=class_dim)
         return body(carry, block, start)
 
     if full:
         carry = jax.lax.fori_loop(0, full, step, carry)
     if rest:
         start = full * chunk_size
-        carry = body(carry, kernel[:, start:], jnp.asarray(start, jnp.int32))
+        block = jax.lax.slice_in_dim(kernel, start, num_classes, axis=class_dim)
+        carry = body(carry, block, jnp.asarray(start, jnp.int32))
     return carry
+
+
+def _block_logits(features, block, class_dim, dtype):
+    """``[batch, chunk]`` logits of a block in either layout, contracted over its ``dim``."""
+    return _dot(features, block, ((1,), (1 - class_dim,)), dtype)
+
+
+def _per_class(values, class_dim):
+    """``[chunk]`` values broadcastable against a block in the kernel's layout."""
+    return jnp.expand_dims(values, 1 - class_dim)
 
 
 def _is_target(local_labels, start, width):
@@ -89,7 +108,7 @@ def _is_target(local_labels, start, width):
     return columns[None, :] == local_labels[:, None]
 
 
-def _forward_shard(features, kernel, local_labels, *, chunk_size, dtype):
+def _forward_shard(features, kernel, local_labels, *, chunk_size, class_dim, dtype):
     """One shard's pass over its classes: what the loss needs of them, per example.
 
     Returns the running maximum and sum of exponentials of the logits other than the
@@ -101,14 +120,15 @@ def _forward_shard(features, kernel, local_labels, *, chunk_size, dtype):
 
     def body(carry, block, start):
         maximum, total, target_logit, class_norm = carry
-        logits = _dot(features, block, ((1,), (0,)), dtype)
-        is_target = _is_target(local_labels, start, block.shape[1])
+        logits = _block_logits(features, block, class_dim, dtype)
+        is_target = _is_target(local_labels, start, block.shape[class_dim])
         zero = jnp.zeros((), dtype)
         # The target's logit is read off the same matmul, so it is the materialised
         # computation's f_y to the bit.
         target_logit = target_logit + jnp.sum(jnp.where(is_target, logits, zero), axis=-1)
         class_norm = class_norm + jnp.sum(
-            jnp.where(is_target, safe_norm(block, axis=0).astype(dtype)[None, :], zero), axis=-1)
+            jnp.where(is_target, safe_norm(block, axis=1 - class_dim).astype(dtype)[None, :],
+                      zero), axis=-1)
         others = jnp.where(is_target, -jnp.inf, logits)
         new_maximum = jnp.maximum(maximum, jnp.max(others, axis=-1))
         # A row whose logits so far are all -inf keeps total 0 without exp(-inf - -inf).
@@ -119,11 +139,11 @@ def _forward_shard(features, kernel, local_labels, *, chunk_size, dtype):
 
     zeros = jnp.zeros((batch,), dtype)
     carry = (jnp.full((batch,), -jnp.inf, dtype), zeros, zeros, zeros)
-    return _over_blocks(body, carry, kernel, chunk_size)
+    return _over_blocks(body, carry, kernel, chunk_size, class_dim)
 
 
 def _backward_shard(features, kernel, local_labels, d_loss, log_normalizer, d_target_logit,
-                    d_class_norm_scale, *, chunk_size, dtype):
+                    d_class_norm_scale, *, chunk_size, class_dim, dtype):
     """One shard's backward pass: the kernel's gradient block by block, and its share of dx.
 
     d loss / d f_j = p~_j for every column but the target's, where the gradient goes through
@@ -136,37 +156,41 @@ def _backward_shard(features, kernel, local_labels, d_loss, log_normalizer, d_ta
 
     def body(carry, block, start):
         d_features, d_kernel = carry
-        logits = _dot(features, block, ((1,), (0,)), dtype)
-        is_target = _is_target(local_labels, start, block.shape[1])
+        logits = _block_logits(features, block, class_dim, dtype)
+        is_target = _is_target(local_labels, start, block.shape[class_dim])
         probs = jnp.exp(logits - log_normalizer[:, None])
         d_logits = jnp.where(is_target, d_target_logit[:, None], d_loss[:, None] * probs)
         column_scale = jnp.sum(
             jnp.where(is_target, d_class_norm_scale[:, None], jnp.zeros((), dtype)), axis=0)
         d_logits = d_logits.astype(matmul_dtype)
-        d_block = (_dot(features, d_logits, ((0,), (0,)), dtype)
-                   + block.astype(dtype) * column_scale[None, :])
-        d_features = d_features + _dot(d_logits, block, ((1,), (1,)), dtype)
+        # In the block's own layout, [dim, chunk] or [chunk, dim], as the kernel's gradient is.
+        d_matmul = (_dot(features, d_logits, ((0,), (0,)), dtype) if class_dim == 1
+                    else _dot(d_logits, features, ((0,), (0,)), dtype))
+        d_block = d_matmul + block.astype(dtype) * _per_class(column_scale, class_dim)
+        d_features = d_features + _dot(d_logits, block, ((1,), (class_dim,)), dtype)
         d_kernel = jax.lax.dynamic_update_slice_in_dim(
-            d_kernel, d_block.astype(kernel.dtype), start, axis=1)
+            d_kernel, d_block.astype(kernel.dtype), start, axis=class_dim)
         return d_features, d_kernel
 
     carry = (jnp.zeros(features.shape, dtype), jnp.zeros(kernel.shape, kernel.dtype))
-    return _over_blocks(body, carry, kernel, chunk_size)
+    return _over_blocks(body, carry, kernel, chunk_size, class_dim)
 
 
-def _shard_offset(kernel, class_axis):
-    if class_axis is None:
+def _shard_offset(kernel, config):
+    """The first class of this shard's kernel block (0 without a mesh)."""
+    if config.class_axis is None:
         return 0
-    return jax.lax.axis_index(class_axis) * kernel.shape[1]
+    return jax.lax.axis_index(config.class_axis) * kernel.shape[config.kernel_class_dim]
 
 
 def _forward_pass(features, kernel, labels, config, dtype):
     """Per example: logsumexp of the non-target logits, f_y and ||W_y||, over all shards."""
 
     def shard(features, kernel, labels):
-        local_labels = labels.astype(jnp.int32) - _shard_offset(kernel, config.class_axis)
+        local_labels = labels.astype(jnp.int32) - _shard_offset(kernel, config)
         maximum, total, target_logit, class_norm = _forward_shard(
-            features, kernel, local_labels, chunk_size=config.chunk_size, dtype=dtype)
+            features, kernel, local_labels, chunk_size=config.chunk_size,
+            class_dim=config.kernel_class_dim, dtype=dtype)
         if config.class_axis is not None:
             # Combined over the class shards with [batch]-sized collectives. Only the shard
             # owning a label adds a non-zero f_y and ||W_y||, so those sums are exact.
@@ -192,10 +216,10 @@ def _backward_pass(features, kernel, labels, d_loss, log_normalizer, d_target_lo
     """The gradients with respect to features (logits part) and kernel, over all shards."""
 
     def shard(features, kernel, labels, *per_example):
-        local_labels = labels.astype(jnp.int32) - _shard_offset(kernel, config.class_axis)
+        local_labels = labels.astype(jnp.int32) - _shard_offset(kernel, config)
         d_features, d_kernel = _backward_shard(
             features, kernel, local_labels, *per_example, chunk_size=config.chunk_size,
-            dtype=dtype)
+            class_dim=config.kernel_class_dim, dtype=dtype)
         if config.class_axis is not None:
             # The one [batch, dim] reduction of the backward pass.
             d_features = jax.lax.psum(d_features, config.class_axis)
@@ -220,7 +244,10 @@ def _feature_spec(config):
 
 
 def _kernel_spec(config):
-    return PartitionSpec(None, config.class_axis)
+    """The kernel split along its class dimension over ``class_axis``, whole along ``dim``."""
+    if config.kernel_class_dim == 1:
+        return PartitionSpec(None, config.class_axis)
+    return PartitionSpec(config.class_axis, None)
 
 
 def _shard_map(fn, config, *, in_specs, out_specs, out_like):
@@ -308,22 +335,11 @@ def _loss(features, kernel, labels, rng, alpha, sigma, where, *, config):
     loss = _fused_loss(features, kernel, labels, rng, alpha, sigma, config)
     # An out-of-range label (possible only under jit, where its value is not checked) would
     # match no column; NaN says so, as the materialised loss and Optax do.
-    in_range = (labels >= 0) & (labels < kernel.shape[1])
+    in_range = (labels >= 0) & (labels < kernel.shape[config.kernel_class_dim])
     loss = jnp.where(in_range, loss, jnp.nan)
     if where is not None:
         loss = jnp.where(where, loss, jnp.zeros_like(loss))
     return loss
-
-
-def _check_shapes(features, kernel):
-    if features.ndim != 2:
-        raise ValueError(f"`features` must have shape [batch, dim]; got shape {features.shape}.")
-    if kernel.ndim != 2 or kernel.shape[0] != features.shape[1]:
-        raise ValueError(
-            "`kernel` must have shape [dim, classes] with dim = features.shape[1] = "
-            f"{features.shape[1]}; got kernel.shape = {kernel.shape}.")
-    if kernel.shape[1] < 1:
-        raise ValueError("`kernel` must have at least one class (kernel.shape[1] >= 1).")
 
 
 def _check_labels(labels, batch, num_classes):
@@ -339,7 +355,7 @@ def _check_labels(labels, batch, num_classes):
                                                                  jnp.float32))
 
 
-def _check_sharding(mesh, class_axis, batch, num_classes):
+def _check_sharding(mesh, class_axis, batch, num_classes, class_dim):
     """The mesh axes the batch is split over; checks that the mesh fits the shapes."""
     if mesh is None and class_axis is None:
         return ()
@@ -356,8 +372,8 @@ def _check_sharding(mesh, class_axis, batch, num_classes):
     shards = mesh.shape[class_axis]
     if num_classes % shards:
         raise ValueError(
-            f"the number of classes (kernel.shape[1] = {num_classes}) must be divisible by the "
-            f"size of mesh axis {class_axis!r} ({shards}), which splits them.")
+            f"the number of classes (kernel.shape[{class_dim}] = {num_classes}) must be "
+            f"divisible by the size of mesh axis {class_axis!r} ({shards}), which splits them.")
     batch_axes = tuple(name for name in mesh.axis_names if name != class_axis)
     batch_shards = math.prod(mesh.shape[name] for name in batch_axes)
     if batch % batch_shards:
@@ -392,6 +408,7 @@ def fused_noisy_softmax_cross_entropy(
     chunk_size: int | None = None,
     mesh: Mesh | None = None,
     class_axis: str | None = None,
+    kernel_layout: KernelLayout = "features_classes",
 ) -> jax.Array:
     r"""Noisy softmax cross-entropy of a bias-free linear classifier, without its logits.
 
@@ -423,10 +440,17 @@ def fused_noisy_softmax_cross_entropy(
     adds one ``[batch, dim]`` reduction over ``class_axis`` (and the usual reduction of the
     kernel's gradient over the data axes).
 
+    A ``[classes, dim]`` kernel (``kernel_layout="classes_features"``: Equinox's
+    ``eqx.nn.Linear.weight``, PyTorch's ``nn.Linear.weight``, InsightFace's class centres) is
+    read in blocks of rows as it is stored, and its gradient written back in the same layout,
+    so it is never transposed whole; with a mesh its rows are split over ``class_axis``.
+
     Args:
       features: Inputs of the classifier, shape ``[batch, dim]``, floating.
-      kernel: Class weights, shape ``[dim, classes]`` (Flax's ``Dense`` layout, the
-        ``kernel`` of :class:`noisy_softmax_jax.NoisySoftmaxHead`).
+      kernel: Class weights, shape ``[dim, classes]`` (the default layout, Flax's ``Dense``,
+        the ``kernel`` of :class:`noisy_softmax_jax.NoisySoftmaxHead`) or ``[classes, dim]``
+        (``kernel_layout="classes_features"``). A kernel in the other layout is an error
+        naming the fix, unless it is square; see :func:`noisy_softmax_jax.target_amplitude`.
       labels: Integer class indices in ``[0, classes)``, shape ``[batch]``.
       rng: A PRNG key; the same key gives the same noise as the materialised loss.
       alpha: Non-negative noise scale, traced (changing it does not recompile).
@@ -439,6 +463,7 @@ def fused_noisy_softmax_cross_entropy(
       mesh: A ``jax.sharding.Mesh`` to split the classes over; needs ``class_axis``.
       class_axis: The mesh axis that splits the classes; ``classes`` must be divisible
         by its size, and ``batch`` by the size of the other axes.
+      kernel_layout: ``"features_classes"`` (default) or ``"classes_features"``.
 
     Returns:
       Per-example losses, shape ``[batch]``; float32 for half-precision inputs, else the
@@ -454,6 +479,15 @@ def fused_noisy_softmax_cross_entropy(
       >>> loss.shape
       (2,)
 
+      Equinox or PyTorch-style weights, ``[classes, dim]``, give the same loss:
+
+      >>> weight = kernel.T  # e.g. eqx.nn.Linear(2, 3, use_bias=False, key=key).weight
+      >>> same = fused_noisy_softmax_cross_entropy(
+      ...     features, weight, jnp.array([1, 0]), jax.random.key(0), 0.1, chunk_size=2,
+      ...     kernel_layout="classes_features")
+      >>> bool(jnp.allclose(same, loss))
+      True
+
     References:
       Chen, Deng & Du, `Noisy Softmax <https://arxiv.org/abs/1708.03769>`_, CVPR 2017;
       Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
@@ -464,17 +498,37 @@ def fused_noisy_softmax_cross_entropy(
     arguments, config = _check_arguments(
         features, kernel, labels, rng, alpha, noise=noise, sigma=sigma, where=where,
         shared_noise=shared_noise, negative=negative, chunk_size=chunk_size, mesh=mesh,
-        class_axis=class_axis)
+        class_axis=class_axis, kernel_layout=kernel_layout)
     return _loss(*arguments, config=config)
 
 
-def _check_arguments(features, kernel, labels, rng, alpha, *, noise, sigma, where,
-                     shared_noise, negative, chunk_size, mesh, class_axis):
-    """Validates and converts the arguments shared by the checked and unchecked loss."""
+def _check_blocks(features, kernel, *, kernel_layout, chunk_size, mesh,
+                  class_axis) -> tuple[jax.Array, jax.Array, _Config]:
+    """Checks what the loss and fused_top_k share; returns the arrays and the blocks' config."""
     features = _validation.check_floating("features", features, "of shape [batch, dim]")
-    kernel = _validation.check_floating("kernel", kernel, "of shape [dim, classes]")
-    _check_shapes(features, kernel)
-    batch, num_classes = features.shape[0], kernel.shape[1]
+    if features.ndim != 2:
+        raise ValueError(f"`features` must have shape [batch, dim]; got shape {features.shape}.")
+    # The layout's name and the kernel's shape, with target_amplitude's errors.
+    features, kernel, class_dim = checked_kernel(features, kernel, kernel_layout)
+    if kernel.shape[class_dim] < 1:
+        raise ValueError(
+            f"`kernel` must have at least one class (kernel.shape[{class_dim}] >= 1).")
+    batch, num_classes = features.shape[0], kernel.shape[class_dim]
+    batch_axes = _check_sharding(mesh, class_axis, batch, num_classes, class_dim)
+    shards = 1 if mesh is None else mesh.shape[class_axis]
+    config = _Config(chunk_size=_check_chunk_size(chunk_size, batch, num_classes // shards),
+                     mesh=mesh, class_axis=class_axis, batch_axes=batch_axes,
+                     kernel_class_dim=class_dim)
+    return features, kernel, config
+
+
+def _check_arguments(features, kernel, labels, rng, alpha, *, noise, sigma, where,
+                     shared_noise, negative, chunk_size, mesh, class_axis, kernel_layout):
+    """Validates and converts the arguments shared by the checked and unchecked loss."""
+    features, kernel, config = _check_blocks(features, kernel, kernel_layout=kernel_layout,
+                                             chunk_size=chunk_size, mesh=mesh,
+                                             class_axis=class_axis)
+    batch, num_classes = features.shape[0], kernel.shape[config.kernel_class_dim]
     labels = _check_labels(labels, batch, num_classes)
     rng = _validation.check_rng(rng)
     alpha = _validation.check_nonnegative_scalar("alpha", alpha)
@@ -483,16 +537,13 @@ def _check_arguments(features, kernel, labels, rng, alpha, *, noise, sigma, wher
     if where is not None:
         where = _validation.check_per_example("where", where, labels, floating=False)
         where = where.astype(bool)
-    batch_axes = _check_sharding(mesh, class_axis, batch, num_classes)
-    shards = 1 if mesh is None else mesh.shape[class_axis]
-    config = _Config(noise=noise, shared_noise=bool(shared_noise), negative=bool(negative),
-                     chunk_size=_check_chunk_size(chunk_size, batch, num_classes // shards),
-                     mesh=mesh, class_axis=class_axis, batch_axes=batch_axes)
+    config = config._replace(noise=noise, shared_noise=bool(shared_noise),
+                             negative=bool(negative))
     return (features, kernel, labels, rng, alpha, sigma, where), config
 
 
 def _loss_with_checks(features, kernel, labels, rng, alpha, sigma, where, *, config):
-    num_classes = kernel.shape[1]
+    num_classes = kernel.shape[config.kernel_class_dim]
     out_of_range = (labels < 0) | (labels >= num_classes)
     checkify.check(
         ~jnp.any(out_of_range),
@@ -526,6 +577,7 @@ def checked_fused_noisy_softmax_cross_entropy(
     chunk_size: int | None = None,
     mesh: Mesh | None = None,
     class_axis: str | None = None,
+    kernel_layout: KernelLayout = "features_classes",
 ) -> tuple[checkify.Error, jax.Array]:
     """:func:`fused_noisy_softmax_cross_entropy` with value checks that work under ``jax.jit``.
 
@@ -553,5 +605,5 @@ def checked_fused_noisy_softmax_cross_entropy(
     arguments, config = _check_arguments(
         features, kernel, labels, rng, alpha, noise=noise, sigma=sigma, where=where,
         shared_noise=shared_noise, negative=negative, chunk_size=chunk_size, mesh=mesh,
-        class_axis=class_axis)
+        class_axis=class_axis, kernel_layout=kernel_layout)
     return _checked_loss(*arguments, config=config)

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from noisy_softmax_jax import _validation, large_class
+from noisy_softmax_jax import large_class
+from noisy_softmax_jax.amplitude import KernelLayout
 
 __all__ = ["fused_top_k"]
 
@@ -25,21 +26,22 @@ def _merge(values, indices, new_values, new_indices, k):
     return values, jnp.take_along_axis(indices, position, axis=-1)
 
 
-def _top_k_shard(features, kernel, *, k, chunk_size, dtype, class_axis):
-    offset = large_class._shard_offset(kernel, class_axis)
+def _top_k_shard(features, kernel, *, k, config, dtype):
+    offset = large_class._shard_offset(kernel, config)
     batch = features.shape[0]
 
     def body(carry, block, start):
-        logits = large_class._dot(features, block, ((1,), (0,)), dtype)
-        values, indices = jax.lax.top_k(logits, min(k, block.shape[1]))
+        logits = large_class._block_logits(features, block, config.kernel_class_dim, dtype)
+        values, indices = jax.lax.top_k(logits, min(k, block.shape[config.kernel_class_dim]))
         best_values, best_indices = carry
         return _merge(best_values, best_indices, values, indices + (start + offset), k)
 
     carry = (jnp.full((batch, k), -jnp.inf, dtype), jnp.full((batch, k), -1, jnp.int32))
-    values, indices = large_class._over_blocks(body, carry, kernel, chunk_size)
-    if class_axis is not None:
+    values, indices = large_class._over_blocks(body, carry, kernel, config.chunk_size,
+                                               config.kernel_class_dim)
+    if config.class_axis is not None:
         # [batch, k] candidates from every shard, in shard (so class) order: [batch, shards * k].
-        values, indices = (jax.lax.all_gather(x, class_axis, axis=1, tiled=True)
+        values, indices = (jax.lax.all_gather(x, config.class_axis, axis=1, tiled=True)
                            for x in (values, indices))
         values, position = jax.lax.top_k(values, k)
         indices = jnp.take_along_axis(indices, position, axis=-1)
@@ -49,13 +51,12 @@ def _top_k_shard(features, kernel, *, k, chunk_size, dtype, class_axis):
 @functools.partial(jax.jit, static_argnames=("config", "k"))
 def _top_k(features, kernel, *, k, config):
     dtype = large_class._compute_dtype(features.dtype, kernel.dtype)
-    shard = functools.partial(_top_k_shard, k=k, chunk_size=config.chunk_size, dtype=dtype,
-                              class_axis=config.class_axis)
+    shard = functools.partial(_top_k_shard, k=k, config=config, dtype=dtype)
     if config.mesh is None:
         return shard(features, kernel)
     rows = PartitionSpec(config.batch_axes or None, None)
     return large_class._shard_map(
-        shard, config, in_specs=(rows, PartitionSpec(None, config.class_axis)),
+        shard, config, in_specs=(rows, large_class._kernel_spec(config)),
         out_specs=(rows, rows), out_like=(features, features))(features, kernel)
 
 
@@ -67,6 +68,7 @@ def fused_top_k(
     chunk_size: int | None = None,
     mesh: Mesh | None = None,
     class_axis: str | None = None,
+    kernel_layout: KernelLayout = "features_classes",
 ) -> tuple[jax.Array, jax.Array]:
     """The ``k`` largest logits of ``features @ kernel`` and their classes, block by block.
 
@@ -79,9 +81,11 @@ def fused_top_k(
 
     Args:
       features: Inputs of the classifier, shape ``[batch, dim]``, floating.
-      kernel: Class weights, shape ``[dim, classes]``.
+      kernel: Class weights, shape ``[dim, classes]`` (default) or ``[classes, dim]``
+        (``kernel_layout="classes_features"``: Equinox, PyTorch), read in blocks as stored.
       k: How many classes per example, ``1 <= k <= classes`` (and ``<= classes`` per shard).
-      chunk_size, mesh, class_axis: As in :func:`fused_noisy_softmax_cross_entropy`.
+      chunk_size, mesh, class_axis, kernel_layout: As in
+        :func:`fused_noisy_softmax_cross_entropy`.
 
     Returns:
       ``(values, classes)``, both ``[batch, k]``, largest first; values in float32 for
@@ -101,19 +105,21 @@ def fused_top_k(
       >>> top2 = jnp.mean(jnp.any(classes == labels[:, None], axis=-1))
       >>> float(top1), float(top2)
       (0.5, 1.0)
+
+      Equinox or PyTorch-style weights, ``[classes, dim]``:
+
+      >>> weight = kernel.T  # e.g. eqx.nn.Linear(2, 3, use_bias=False, key=key).weight
+      >>> fused_top_k(features, weight, 2, kernel_layout="classes_features")[1]
+      Array([[1, 2],
+             [0, 2]], dtype=int32)
     """
-    features = _validation.check_floating("features", features, "of shape [batch, dim]")
-    kernel = _validation.check_floating("kernel", kernel, "of shape [dim, classes]")
-    large_class._check_shapes(features, kernel)
-    batch, num_classes = features.shape[0], kernel.shape[1]
-    batch_axes = large_class._check_sharding(mesh, class_axis, batch, num_classes)
+    checked_features, checked_kernel, config = large_class._check_blocks(
+        features, kernel, kernel_layout=kernel_layout, chunk_size=chunk_size, mesh=mesh,
+        class_axis=class_axis)
+    num_classes = checked_kernel.shape[config.kernel_class_dim]
     shards = 1 if mesh is None else mesh.shape[class_axis]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_classes // shards:
         raise ValueError(
             f"`k` must be an integer in [1, {num_classes // shards}] (the classes per shard); "
             f"got k = {k!r}.")
-    config = large_class._Config(
-        noise="annealed", shared_noise=False, negative=False,
-        chunk_size=large_class._check_chunk_size(chunk_size, batch, num_classes // shards),
-        mesh=mesh, class_axis=class_axis, batch_axes=batch_axes)
-    return _top_k(features, kernel, k=k, config=config)
+    return _top_k(checked_features, checked_kernel, k=k, config=config)

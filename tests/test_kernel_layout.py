@@ -52,7 +52,22 @@ def test_square_equinox_weights_in_the_default_layout_are_silently_wrong():
     assert np.max(np.abs(np.asarray(wrong) - expected) / expected) > 0.05
 
 
-@pytest.mark.parametrize("function", ["target_amplitude", "head_output"])
+# Every function that takes a kernel, as a function of (features, kernel, labels, layout).
+KERNEL_FUNCTIONS = {
+    "target_amplitude": lambda x, w, y, layout: nsj.target_amplitude(
+        x, w, y, kernel_layout=layout),
+    "head_output": lambda x, w, y, layout: nsj.head_output(x, w, kernel_layout=layout),
+    "fused_noisy_softmax_cross_entropy": lambda x, w, y, layout: (
+        nsj.fused_noisy_softmax_cross_entropy(x, w, y, jax.random.key(0), 0.1,
+                                              kernel_layout=layout)),
+    "checked_fused_noisy_softmax_cross_entropy": lambda x, w, y, layout: (
+        nsj.checked_fused_noisy_softmax_cross_entropy(x, w, y, jax.random.key(0), 0.1,
+                                                      kernel_layout=layout)),
+    "fused_top_k": lambda x, w, y, layout: nsj.fused_top_k(x, w, 2, kernel_layout=layout),
+}
+
+
+@pytest.mark.parametrize("function", list(KERNEL_FUNCTIONS))
 @pytest.mark.parametrize("layout, shape, other", [
     ("features_classes", (4, 6), "classes_features"),
     ("classes_features", (6, 4), "features_classes"),
@@ -63,10 +78,15 @@ def test_kernel_in_the_other_layout_is_reported_with_the_fix(function, layout, s
     message = (rf"kernel_layout='{layout}'.*kernel.shape = \({shape[0]}, {shape[1]}\).*"
                rf"looks like .*: pass kernel_layout='{other}'")
     with pytest.raises(ValueError, match=message):
-        if function == "target_amplitude":
-            nsj.target_amplitude(features, kernel, labels, kernel_layout=layout)
-        else:
-            nsj.head_output(features, kernel, kernel_layout=layout)
+        KERNEL_FUNCTIONS[function](features, kernel, labels, layout)
+
+
+@pytest.mark.parametrize("function", list(KERNEL_FUNCTIONS))
+def test_unknown_layout_is_reported_naming_the_choices(function):
+    with pytest.raises(ValueError, match=r"`kernel_layout` must be one of 'features_classes', "
+                                         r"'classes_features'; got 'torch'"):
+        KERNEL_FUNCTIONS[function](jnp.ones((3, 6)), jnp.ones((6, 4)), jnp.array([0, 1, 2]),
+                                   "torch")
 
 
 def test_unrelated_shapes_and_unknown_layouts_are_reported():
@@ -74,10 +94,6 @@ def test_unrelated_shapes_and_unknown_layouts_are_reported():
         nsj.target_amplitude(jnp.ones((3, 6)), jnp.ones((5, 4)), jnp.array([0, 1, 2]),
                              kernel_layout="classes_features")
     assert "looks like" not in str(info.value)  # neither layout fits: no suggestion
-    with pytest.raises(ValueError, match=r"`kernel_layout` must be one of 'features_classes', "
-                                         r"'classes_features'; got 'torch'"):
-        nsj.target_amplitude(jnp.ones((3, 6)), jnp.ones((6, 4)), jnp.array([0, 1, 2]),
-                             kernel_layout="torch")
     with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 4\)"):
         nsj.target_amplitude(jnp.ones((3, 6)), jnp.ones((4, 6)), jnp.array([0, 1, 4]),
                              kernel_layout="classes_features")
@@ -97,3 +113,45 @@ def test_gradients_reach_classes_features_weights_as_in_the_flax_layout():
     torch_grads = jax.grad(loss, argnums=(0, 1))(features, kernel.T, "classes_features")
     np.testing.assert_allclose(torch_grads[0], flax_grads[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(torch_grads[1], flax_grads[1].T, rtol=1e-5, atol=1e-6)
+
+
+# -- the large-class functions on an Equinox weight -------------------------------------------
+
+
+def rows_amplitude(features, weight, labels):
+    """||W_y|| ||x|| with the class weights as rows, in jnp (differentiable), not the library's."""
+    return jnp.linalg.norm(features, axis=-1) * jnp.linalg.norm(weight[labels], axis=-1)
+
+
+@pytest.mark.parametrize("num_features, num_classes", [(8, 37), (8, 8)])
+def test_fused_loss_on_equinox_weights_equals_the_loss_on_their_logits(num_features,
+                                                                       num_classes):
+    # The reference uses the Linear itself for the logits, so a kernel read in the wrong
+    # layout (possible unnoticed for the square one) would not match it.
+    linear = equinox_head(num_features, num_classes, seed=3)
+    features = jax.random.normal(jax.random.key(4), (12, num_features))
+    labels = jax.random.randint(jax.random.key(5), (12,), 0, num_classes)
+    rng = jax.random.key(6)
+
+    def fused(features, weight):
+        return nsj.fused_noisy_softmax_cross_entropy(
+            features, weight, labels, rng, 0.3, chunk_size=3,
+            kernel_layout="classes_features").sum()
+
+    def reference(features, weight):
+        logits = jax.vmap(eqx.tree_at(lambda m: m.weight, linear, weight))(features)
+        amplitude = rows_amplitude(features, weight, labels)
+        return nsj.noisy_softmax_cross_entropy(logits, labels, rng, 0.3,
+                                               amplitude=amplitude).sum()
+
+    loss, grads = jax.value_and_grad(fused, argnums=(0, 1))(features, linear.weight)
+    expected_loss, expected_grads = jax.value_and_grad(reference, argnums=(0, 1))(
+        features, linear.weight)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    for grad, expected in zip(grads, expected_grads):
+        np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    values, classes = nsj.fused_top_k(features, linear.weight, 3, chunk_size=3,
+                                      kernel_layout="classes_features")
+    expected_values, expected_classes = jax.lax.top_k(jax.vmap(linear)(features), 3)
+    np.testing.assert_array_equal(classes, expected_classes)
+    np.testing.assert_allclose(values, expected_values, rtol=1e-5, atol=1e-6)

@@ -20,9 +20,11 @@ import noisy_softmax_jax as nsj
 from noisy_softmax_jax import large_class
 
 VARIANTS = ["annealed", "amplitude", "free"]
+LAYOUTS = ["features_classes", "classes_features"]
 
 
 def make_problem(seed, batch=12, dim=8, num_classes=37, dtype=jnp.float32, scale=1.0):
+    """Features [batch, dim], a kernel [dim, classes] (Flax's layout) and labels."""
     k_x, k_w, k_y = jax.random.split(jax.random.key(seed), 3)
     features = scale * jax.random.normal(k_x, (batch, dim), jnp.float32)
     kernel = 2.0 * jax.random.normal(k_w, (dim, num_classes), jnp.float32) / np.sqrt(dim)
@@ -179,6 +181,60 @@ def test_traced_labels_alpha_and_sigma_under_jit():
     assert np.isnan(loss[0]) and np.all(np.isfinite(loss[1:]))
 
 
+# -- a [classes, dim] kernel (Equinox, PyTorch) ---------------------------------------------
+
+
+def transposed_layout(loss_fn):
+    """``loss_fn`` of a [classes, dim] kernel as a function of the [dim, classes] one.
+
+    Its gradient with respect to the kernel comes back transposed by the autodiff of the
+    ``.T`` here, so it compares directly with the default layout's.
+    """
+    return lambda f, k, a: loss_fn(f, jnp.asarray(k.T), a)
+
+
+@pytest.mark.parametrize("chunk_size, kwargs", [
+    (5, dict()),
+    (1, dict(noise="amplitude")),
+    (37, dict(noise="free", shared_noise=True)),
+    (None, dict(negative=True)),
+    (6, dict(where=jnp.arange(12) % 4 != 0, sigma=0.5)),
+])
+def test_classes_features_layout_equals_the_default_on_the_transpose(chunk_size, kwargs):
+    features, kernel, labels = make_problem(20)
+    labels = labels.at[:2].set(jnp.array([36, 0]))  # the last (partial) block and the first
+    rng = jax.random.key(21)
+    default = lambda f, k, a: nsj.fused_noisy_softmax_cross_entropy(
+        f, k, labels, rng, a, chunk_size=chunk_size, **kwargs)
+    layout = transposed_layout(lambda f, w, a: nsj.fused_noisy_softmax_cross_entropy(
+        f, w, labels, rng, a, chunk_size=chunk_size, kernel_layout="classes_features", **kwargs))
+    loss, grads = value_and_grads(layout, features, kernel)
+    expected_loss, expected_grads = value_and_grads(default, features, kernel)
+    assert_close(loss, expected_loss, 1e-6)
+    assert_close(grads, expected_grads, 1e-6)  # the default layout is pinned to materialised above
+
+
+def test_classes_features_kernel_gradient_has_the_kernel_shape_and_dtype():
+    features, kernel, labels = make_problem(22, dtype=jnp.bfloat16)
+    weight = jnp.asarray(kernel.T)
+    d_weight = jax.grad(lambda w: nsj.fused_noisy_softmax_cross_entropy(
+        features, w, labels, jax.random.key(0), 0.1, chunk_size=8,
+        kernel_layout="classes_features").sum())(weight)
+    assert d_weight.shape == (37, 8) and d_weight.dtype == jnp.bfloat16
+
+
+def test_classes_features_layout_in_the_checked_variant():
+    features, kernel, labels = make_problem(12)
+    weight = jnp.asarray(kernel.T)
+    step = jax.jit(lambda w, y: nsj.checked_fused_noisy_softmax_cross_entropy(
+        features, w, y, jax.random.key(0), 0.1, chunk_size=8, kernel_layout="classes_features"))
+    error, loss = step(weight, labels)
+    assert error.get() is None
+    assert_close(loss, materialised(features, kernel, labels, jax.random.key(0), 0.1), 1e-5)
+    error, _ = step(weight, labels.at[3].set(37))
+    assert "`labels` must lie in [0, 37); found label 37" in error.get()
+
+
 # -- sharded over the 8 emulated devices ---------------------------------------------------
 
 
@@ -187,21 +243,29 @@ def class_mesh(shape, names, axis_type=AxisType.Auto):
                 axis_types=(axis_type,) * len(shape))
 
 
-@pytest.mark.parametrize("shape, names, axis_type", [
-    ((4,), ("classes",), AxisType.Auto),
-    ((8,), ("classes",), AxisType.Auto),
-    ((2, 4), ("data", "classes"), AxisType.Auto),
-    ((4, 2), ("classes", "data"), AxisType.Auto),
-    ((2, 4), ("data", "classes"), AxisType.Explicit),  # jax.make_mesh's default
+@pytest.mark.parametrize("shape, names, axis_type, kernel_layout", [
+    ((4,), ("classes",), AxisType.Auto, "features_classes"),
+    ((8,), ("classes",), AxisType.Auto, "features_classes"),
+    ((2, 4), ("data", "classes"), AxisType.Auto, "features_classes"),
+    ((4, 2), ("classes", "data"), AxisType.Auto, "features_classes"),
+    ((2, 4), ("data", "classes"), AxisType.Explicit, "features_classes"),  # make_mesh's default
+    # A [classes, dim] kernel split along its rows: each shard's label offset counts rows.
+    ((4,), ("classes",), AxisType.Auto, "classes_features"),
+    ((4, 2), ("classes", "data"), AxisType.Auto, "classes_features"),
+    ((2, 4), ("data", "classes"), AxisType.Explicit, "classes_features"),
 ])
-def test_sharded_equals_unsharded(shape, names, axis_type):
+def test_sharded_equals_unsharded(shape, names, axis_type, kernel_layout):
     # 96 classes: 12 or 24 per shard, chunks of 5 leave a partial block on every shard.
     features, kernel, labels = make_problem(10, batch=16, num_classes=96)
     labels = labels.at[:3].set(jnp.array([95, 0, 47]))
     rng = jax.random.key(16)
     mesh = class_mesh(shape, names, axis_type)
     sharded = lambda f, k, a: nsj.fused_noisy_softmax_cross_entropy(
-        f, k, labels, rng, a, chunk_size=5, mesh=mesh, class_axis="classes")
+        f, k, labels, rng, a, chunk_size=5, mesh=mesh, class_axis="classes",
+        kernel_layout=kernel_layout)
+    if kernel_layout == "classes_features":
+        sharded = transposed_layout(sharded)
+    # Against the default layout on one device.
     unsharded = lambda f, k, a: nsj.fused_noisy_softmax_cross_entropy(
         f, k, labels, rng, a, chunk_size=5)
     loss, grads = value_and_grads(sharded, features, kernel)
@@ -212,17 +276,31 @@ def test_sharded_equals_unsharded(shape, names, axis_type):
     assert_close(grads, reference_grads, 1e-5)
 
 
-def _compiled_text(loss_fn, batch, dim, num_classes, dtype=jnp.float32):
+def test_sharded_classes_features_kernel_is_split_along_its_rows():
+    mesh = class_mesh((2, 4), ("data", "classes"), AxisType.Explicit)
+    config = large_class._check_blocks(
+        jnp.ones((8, 8)), jnp.ones((96, 8)), kernel_layout="classes_features", chunk_size=None,
+        mesh=mesh, class_axis="classes")[2]
+    assert large_class._kernel_spec(config) == jax.sharding.PartitionSpec("classes", None)
+
+
+def _compiled_text(loss_fn, batch, dim, num_classes, dtype=jnp.float32,
+                   kernel_layout="features_classes"):
+    kernel_shape = (dim, num_classes) if kernel_layout == "features_classes" else (
+        num_classes, dim)
     args = (jax.ShapeDtypeStruct((batch, dim), dtype),
-            jax.ShapeDtypeStruct((dim, num_classes), dtype),
+            jax.ShapeDtypeStruct(kernel_shape, dtype),
             jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32))
     step = jax.jit(jax.value_and_grad(lambda f, k, y, a: loss_fn(f, k, y, a).mean(), (0, 1)))
     return step.lower(*args).compile()
 
 
 def _batch_by_class_shapes(text, batch_sizes, class_sizes):
+    """Two-dimensional shapes in `text` with a batch and a class dimension, in either order."""
     shapes = {tuple(int(n) for n in s.split(",")) for s in re.findall(r"\[(\d+(?:,\d+)*)\]", text)}
-    return [s for s in shapes if len(s) == 2 and s[0] in batch_sizes and s[1] in class_sizes]
+    return [s for s in shapes if len(s) == 2 and (
+        (s[0] in batch_sizes and s[1] in class_sizes)
+        or (s[1] in batch_sizes and s[0] in class_sizes))]
 
 
 def test_hlo_check_finds_the_materialised_logits():
@@ -232,15 +310,19 @@ def test_hlo_check_finds_the_materialised_logits():
     assert _batch_by_class_shapes(text, (24,), (2000,))
 
 
-@pytest.mark.parametrize("mesh_shape", [None, (8,), (2, 4)])
-def test_hlo_has_no_batch_by_classes_array_nor_kernel_all_gather(mesh_shape):
+@pytest.mark.parametrize("mesh_shape, kernel_layout", [
+    (None, "features_classes"), ((8,), "features_classes"), ((2, 4), "features_classes"),
+    (None, "classes_features"), ((2, 4), "classes_features"),
+])
+def test_hlo_has_no_batch_by_classes_array_nor_kernel_all_gather(mesh_shape, kernel_layout):
     batch, dim, num_classes = 24, 40, 2000
     mesh = None if mesh_shape is None else class_mesh(
         mesh_shape, ("classes",) if len(mesh_shape) == 1 else ("data", "classes"))
     loss_fn = lambda f, k, y, a: nsj.fused_noisy_softmax_cross_entropy(
         f, k, y, jax.random.key(0), a, chunk_size=64, mesh=mesh,
-        class_axis=None if mesh is None else "classes")
-    text = _compiled_text(loss_fn, batch, dim, num_classes).as_text()
+        class_axis=None if mesh is None else "classes", kernel_layout=kernel_layout)
+    text = _compiled_text(loss_fn, batch, dim, num_classes,
+                          kernel_layout=kernel_layout).as_text()
     data = 1 if mesh_shape is None or len(mesh_shape) == 1 else mesh_shape[0]
     shards = 1 if mesh_shape is None else mesh_shape[-1]
     rows = batch // data
@@ -262,13 +344,19 @@ def test_hlo_has_no_batch_by_classes_array_nor_kernel_all_gather(mesh_shape):
         assert "all-reduce" in text
 
 
-@pytest.mark.parametrize("num_classes", [1_000_000, 4_000_000])
-def test_temporary_memory_at_a_million_classes(num_classes):
+@pytest.mark.parametrize("num_classes, kernel_layout", [
+    (1_000_000, "features_classes"), (4_000_000, "features_classes"),
+    # A [classes, dim] kernel is read block by block as stored: a transposed copy of it
+    # (2 GB here) or of its gradient would show as temporary memory.
+    (1_000_000, "classes_features"),
+])
+def test_temporary_memory_at_a_million_classes(num_classes, kernel_layout):
     # Compile only. The materialised loss needs ~3.9 GB of temporaries here (logits and their
     # gradient in float32); the fused one a few blocks of batch x chunk.
-    loss_fn = lambda f, k, y, a: nsj.fused_noisy_softmax_cross_entropy(f, k, y,
-                                                                       jax.random.key(0), a)
-    memory = _compiled_text(loss_fn, 512, 512, num_classes).memory_analysis()
+    loss_fn = lambda f, k, y, a: nsj.fused_noisy_softmax_cross_entropy(
+        f, k, y, jax.random.key(0), a, kernel_layout=kernel_layout)
+    memory = _compiled_text(loss_fn, 512, 512, num_classes,
+                            kernel_layout=kernel_layout).memory_analysis()
     assert memory.temp_size_in_bytes <= 64 * 2**20
 
 
@@ -321,8 +409,16 @@ def _call(**changes):
      r"`features` must have shape \[batch, dim\]"),
     (dict(kernel=np.zeros((8, 37), np.int32)), TypeError, "`kernel` must be a floating"),
     (dict(kernel=np.zeros((9, 37), np.float32)), ValueError,
-     r"`kernel` must have shape \[dim, classes\]"),
-    (dict(kernel=np.zeros((8, 0), np.float32)), ValueError, "at least one class"),
+     r"`kernel` must have shape \[num_features, num_classes\] with num_features = "
+     r"features.shape\[-1\] \(kernel_layout='features_classes'"),
+    (dict(kernel=np.zeros((8, 0), np.float32)), ValueError,
+     r"at least one class \(kernel.shape\[1\] >= 1\)"),
+    (dict(kernel=np.zeros((0, 8), np.float32), kernel_layout="classes_features"), ValueError,
+     r"at least one class \(kernel.shape\[0\] >= 1\)"),
+    (dict(kernel=np.zeros((37, 8), np.float32), kernel_layout="torch"), ValueError,
+     r"`kernel_layout` must be one of 'features_classes', 'classes_features'; got 'torch'"),
+    (dict(kernel=np.zeros((37, 8), np.float32), kernel_layout="classes_features",
+          labels=np.full((12,), 37)), ValueError, r"`labels` must lie in \[0, 37\)"),
     (dict(labels=np.zeros((12,), np.float32)), TypeError, "`labels` must be an integer"),
     (dict(labels=np.zeros((11,), np.int32)), ValueError, r"`labels` must have shape \[batch\]"),
     (dict(labels=np.full((12,), 37)), ValueError, r"`labels` must lie in \[0, 37\)"),
@@ -344,6 +440,9 @@ def _call(**changes):
      ValueError, "`class_axis` must name an axis of `mesh`"),
     (dict(mesh=Mesh(np.array(jax.devices()[:4]), ("classes",)), class_axis="classes"),
      ValueError, r"classes \(kernel.shape\[1\] = 37\) must be divisible by the size of mesh axis"),
+    (dict(kernel=np.zeros((37, 8), np.float32), kernel_layout="classes_features",
+          mesh=Mesh(np.array(jax.devices()[:4]), ("classes",)), class_axis="classes"),
+     ValueError, r"classes \(kernel.shape\[0\] = 37\) must be divisible by the size of mesh axis"),
     (dict(kernel=np.zeros((8, 40), np.float32),
           mesh=Mesh(np.array(jax.devices()[:8]).reshape(8, 1), ("data", "classes")),
           class_axis="classes"),
@@ -365,17 +464,20 @@ def test_default_chunk_size():
 # -- top-k at evaluation -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kernel_layout", LAYOUTS)
 @pytest.mark.parametrize("k, chunk_size, mesh_shape", [
     (1, 6, None), (5, 6, None), (5, 3, None), (5, None, None), (37, 16, None),
     (5, 5, (8,)), (5, 4, (2, 4)),
 ])
-def test_fused_top_k_equals_top_k_of_the_logits(k, chunk_size, mesh_shape):
+def test_fused_top_k_equals_top_k_of_the_logits(k, chunk_size, mesh_shape, kernel_layout):
     features, kernel, labels = make_problem(13, batch=16, num_classes=37 if mesh_shape is None
                                             else 96)
     mesh = None if mesh_shape is None else class_mesh(
         mesh_shape, ("classes",) if len(mesh_shape) == 1 else ("data", "classes"))
-    values, classes = nsj.fused_top_k(features, kernel, k, chunk_size=chunk_size, mesh=mesh,
-                                      class_axis=None if mesh is None else "classes")
+    stored = kernel if kernel_layout == "features_classes" else jnp.asarray(kernel.T)
+    values, classes = nsj.fused_top_k(features, stored, k, chunk_size=chunk_size, mesh=mesh,
+                                      class_axis=None if mesh is None else "classes",
+                                      kernel_layout=kernel_layout)
     expected_values, expected_classes = jax.lax.top_k(features @ kernel, k)
     np.testing.assert_array_equal(classes, expected_classes)
     assert_close(values, expected_values, 1e-6)  # up to the matmul's rounding
@@ -385,10 +487,12 @@ def test_fused_top_k_equals_top_k_of_the_logits(k, chunk_size, mesh_shape):
     np.testing.assert_array_equal(hits, expected_hits)
 
 
-def test_fused_top_k_temporary_memory_at_a_million_classes():
-    step = jax.jit(lambda f, k: nsj.fused_top_k(f, k, 5))
+@pytest.mark.parametrize("kernel_layout, kernel_shape", [
+    ("features_classes", (512, 1_000_000)), ("classes_features", (1_000_000, 512))])
+def test_fused_top_k_temporary_memory_at_a_million_classes(kernel_layout, kernel_shape):
+    step = jax.jit(lambda f, k: nsj.fused_top_k(f, k, 5, kernel_layout=kernel_layout))
     memory = step.lower(jax.ShapeDtypeStruct((512, 512), jnp.float32),
-                        jax.ShapeDtypeStruct((512, 1_000_000), jnp.float32)
+                        jax.ShapeDtypeStruct(kernel_shape, jnp.float32)
                         ).compile().memory_analysis()
     assert memory.temp_size_in_bytes <= 64 * 2**20
 
