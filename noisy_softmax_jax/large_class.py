@@ -143,7 +143,7 @@ def _forward_shard(features, kernel, local_labels, *, chunk_size, class_dim, dty
 
 
 def _backward_shard(features, kernel, local_labels, d_loss, log_normalizer, d_target_logit,
-                    d_class_norm_scale, *, chunk_size, class_dim, dtype):
+                    d_class_norm_scale, *, chunk_size, class_dim, batch_axes, dtype):
     """One shard's backward pass: the kernel's gradient block by block, and its share of dx.
 
     d loss / d f_j = p~_j for every column but the target's, where the gradient goes through
@@ -167,6 +167,11 @@ def _backward_shard(features, kernel, local_labels, d_loss, log_normalizer, d_ta
         d_matmul = (_dot(features, d_logits, ((0,), (0,)), dtype) if class_dim == 1
                     else _dot(d_logits, features, ((0,), (0,)), dtype))
         d_block = d_matmul + block.astype(dtype) * _per_class(column_scale, class_dim)
+        if batch_axes:
+            # Data parallelism: each batch shard holds part of every class weight's gradient.
+            # Summed block by block, so no partial gradient of the whole kernel shard waits
+            # for one all-reduce after the loop (512 MiB at 1M classes on a 2 x 4 mesh).
+            d_block = jax.lax.psum(d_block, batch_axes)
         d_features = d_features + _dot(d_logits, block, ((1,), (class_dim,)), dtype)
         d_kernel = jax.lax.dynamic_update_slice_in_dim(
             d_kernel, d_block.astype(kernel.dtype), start, axis=class_dim)
@@ -219,13 +224,10 @@ def _backward_pass(features, kernel, labels, d_loss, log_normalizer, d_target_lo
         local_labels = labels.astype(jnp.int32) - _shard_offset(kernel, config)
         d_features, d_kernel = _backward_shard(
             features, kernel, local_labels, *per_example, chunk_size=config.chunk_size,
-            class_dim=config.kernel_class_dim, dtype=dtype)
+            class_dim=config.kernel_class_dim, batch_axes=config.batch_axes, dtype=dtype)
         if config.class_axis is not None:
             # The one [batch, dim] reduction of the backward pass.
             d_features = jax.lax.psum(d_features, config.class_axis)
-        if config.batch_axes:
-            # Data parallelism: each batch shard holds part of every class weight's gradient.
-            d_kernel = jax.lax.psum(d_kernel, config.batch_axes)
         return d_features, d_kernel
 
     per_example = (d_loss, log_normalizer, d_target_logit, d_class_norm_scale)

@@ -77,6 +77,7 @@ def test_data_by_class_mesh_splits_the_batch_and_the_kernel():
     assert analysis.argument_size_in_bytes == (
         BATCH // 2 * DIM * FLOAT + BATCH // 2 * INT + FLOAT + kernel_shard)
     assert_outputs(analysis, BATCH // 2 * DIM * FLOAT + kernel_shard)
-    # Data parallelism: each data shard's partial gradient of its kernel shard is a temporary
-    # until the all-reduce over "data" (512 MiB here), plus the blocks; still 1/class shards.
-    assert analysis.temp_size_in_bytes <= kernel_shard + 64 * MiB
+    # Data parallelism: each block's partial gradient is summed over "data" as it is made, so
+    # the temporaries are blocks, not a partial gradient of the kernel shard (512 MiB here,
+    # which summing once after the loop needed; measured 24.5 MiB).
+    assert analysis.temp_size_in_bytes <= 64 * MiB
