@@ -164,6 +164,8 @@ def test_tables_have_one_section_per_dataset_and_subset_with_runs(written):
     # 16 runs on mnist 1000, wall time 100 s + seed each.
     walls = sum(100 + s for seeds in TREE[("mnist", 1000)].values() for s in seeds)
     assert f"Wall time of these 16 runs in all: {walls / 3600:.2f} h." in tables
+    walls = sum(100 + s for losses in TREE.values() for seeds in losses.values() for s in seeds)
+    assert f"Wall time of the 21 small-data runs in all: {walls / 3600:.2f} h (summed" in tables
     assert "fashion_mnist (1000 examples): fewer than 2 seeds" in tables
     assert "Label smoothing s cannot saturate" in tables
 
