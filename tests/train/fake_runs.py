@@ -10,8 +10,11 @@ def read(path):
         return f.read()
 
 
-def fake_run(config, workdir, *, test_error=None, steps=30):
-    """Writes what train_and_evaluate writes, with made-up numbers (or fails for seed 99)."""
+def fake_run(config, workdir, *, test_error=None, steps=30, train_full=None):
+    """Writes what train_and_evaluate writes, with made-up numbers (or fails for seed 99).
+
+    `train_full` ({step: {"train_full_...": value}}) adds whole-subset saturation records.
+    """
     if config.seed == 99:
         raise RuntimeError("boom")
     os.makedirs(os.path.join(workdir, "checkpoints"), exist_ok=True)
@@ -24,6 +27,8 @@ def fake_run(config, workdir, *, test_error=None, steps=30):
                 "step": step, "kind": "train", "loss": 1.0 / step, "accuracy": 1 - 1.0 / step,
                 "target_prob": 1 - 1.0 / step, "saturated_fraction": step / steps,
                 "target_grad": 1.0 / step, "amplitude": 10.0, "logit_std": 3.0}) + "\n")
+            if train_full and step in train_full:
+                f.write(json.dumps({"step": step, "kind": "train_full", **train_full[step]}) + "\n")
             if step % 20 == 0 or step == steps:
                 f.write(json.dumps({"step": step, "kind": "eval", "test_loss": 0.1,
                                     "test_accuracy": 1 - test_error}) + "\n")
