@@ -100,10 +100,10 @@ def main(argv):
         print(f"{error.prefix}: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
     except Exception as error:  # a bug or an unexpected failure: keeps its traceback
-        peer = multihost.lost_peer(error) if jax.process_count() > 1 else None
-        if peer is not None:
-            multihost.exit_on_lost_peer(peer)
         if jax.process_count() > 1:  # the one line that names the process among N logs
+            peer = multihost.lost_peer(error)
+            if peer is not None:
+                multihost.exit_on_lost_peer(peer)
             print(f"error: process {jax.process_index()} failed: {type(error).__name__}: "
                   f"{error}", file=sys.stderr, flush=True)
         raise
