@@ -21,9 +21,8 @@ import numpy as np
 import noisy_softmax_jax
 from train import input_pipeline, steps
 
-# saturation_metrics key -> logged name (without the train_full_ prefix).
-_KEYS = {"saturated_fraction": "saturated_fraction", "target_grad": "target_grad",
-         "amplitude": "amplitude", "accuracy": "error"}
+# The saturation_metrics means summed over the whole set (accuracy is logged as its error).
+_SUMMED = ("saturated_fraction", "target_grad", "amplitude", "accuracy")
 
 
 def batch_sums(apply_fn, variables, images: jax.Array, labels: jax.Array, mask: jax.Array, *,
@@ -34,7 +33,7 @@ def batch_sums(apply_fn, variables, images: jax.Array, labels: jax.Array, mask: 
         output.logits, labels, amplitude=output.amplitude(labels), where=mask,
         threshold=threshold)
     count = jnp.sum(mask).astype(jnp.float32)
-    sums = {key: means[key] * count for key in _KEYS}
+    sums = {key: means[key] * count for key in _SUMMED}
     sums["count"] = count
     return sums
 
@@ -75,9 +74,9 @@ def full_saturation(apply_fn, variables, images: np.ndarray, labels: np.ndarray,
         process_count=jax.process_count())
     sums = [step(variables, *global_batch(*batch)) for batch in batches]
     totals = jax.tree.map(lambda *xs: float(np.sum(xs, dtype=np.float64)), *jax.device_get(sums))
-    metrics = {f"train_full_{name}": totals[key] / totals["count"] for key, name in _KEYS.items()}
-    metrics["train_full_error"] = 1.0 - metrics["train_full_error"]
-    return metrics
+    means = {key: totals[key] / totals["count"] for key in _SUMMED}
+    means["error"] = 1.0 - means.pop("accuracy")
+    return {f"train_full_{key}": value for key, value in means.items()}
 
 
 def jitted_batch_sums(apply_fn, dataset: str, threshold: float = 0.99):
