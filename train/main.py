@@ -7,7 +7,7 @@ Multi-host (e.g. a TPU pod): pass --distributed (or set NOISY_SOFTMAX_DISTRIBUTE
 host; `jax.distributed.initialize()` then runs before anything touches a device, detecting the
 cluster (TPU VMs, SLURM, Open MPI). Elsewhere pass --coordinator_address, --num_processes and
 --process_id (which imply --distributed); `python -m train.launch_local` does so for N local
-processes. See README.md, "Multi-host".
+processes. See docs/multihost.md.
 """
 
 import faulthandler
