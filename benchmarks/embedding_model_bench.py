@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -68,20 +67,8 @@ def main(argv=None):
             runs[key], parameters[key] = build(name, num_classes, batch_size=args.batch_size,
                                                head=args.head)
 
-    def step(key):
-        train_step, state, batch = runs[key]
-        start = time.perf_counter()
-        state, metrics = train_step(state, *batch)
-        jax.block_until_ready((state, metrics))
-        runs[key][1] = state  # the step donated the old one
-        return time.perf_counter() - start
-
-    for key in runs:  # compile and warm up
-        for _ in range(3):
-            step(key)
-    times, repeats = _timing.interleaved_times(
-        {key: functools.partial(step, key) for key in runs},
-        min_repeats=args.min_repeats, budget_s=args.budget)
+    times, repeats = _timing.interleaved_train_steps(runs, min_repeats=args.min_repeats,
+                                                     budget_s=args.budget)
     median = _timing.medians(times)
     first = next(iter(runs))
 
