@@ -123,6 +123,8 @@ def closed_set_accuracy(
     ks: Sequence[int] = (1, 5),
     batch_size: int = 1000,
     chunk_size: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    class_axis: str | None = None,
 ) -> dict[int, float]:
     """Top-k accuracy of the bias-free classifier ``features @ kernel``, without its logits.
 
@@ -139,6 +141,9 @@ def closed_set_accuracy(
       ks: the ``k`` of each accuracy, each at most ``num_classes``.
       batch_size: examples per call (the last batch is padded).
       chunk_size: classes per block (None: the fused loss's default).
+      mesh: optional mesh whose ``class_axis`` splits the classes (a class-sharded kernel):
+        each device ranks its own classes and the shards exchange ``[batch, k]`` candidates.
+      class_axis: the mesh axis that splits the classes.
 
     Returns:
       ``{k: accuracy}``.
@@ -160,7 +165,8 @@ def closed_set_accuracy(
     correct = dict.fromkeys(ks, 0)
     for start, stop, indices in _padded_batches(len(features), batch_size):
         _, classes = noisy_softmax_jax.fused_top_k(features[indices], kernel, top,
-                                                   chunk_size=chunk_size)
+                                                   chunk_size=chunk_size, mesh=mesh,
+                                                   class_axis=class_axis)
         classes = np.asarray(classes)[: stop - start]
         hit = classes == labels[start:stop, None]
         for k in ks:

@@ -109,6 +109,20 @@ def test_closed_set_accuracy_equals_top_k_of_the_materialised_logits(num_classes
     assert got[1] >= 10 / 53 and got[1] <= got[2] <= got[5]
 
 
+def test_closed_set_accuracy_over_a_class_sharded_kernel():
+    """The kernel's 64 classes split over the 8 emulated devices: the same accuracies."""
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(30, 16)).astype(np.float32)
+    kernel = rng.normal(size=(16, 64)).astype(np.float32)
+    labels = rng.integers(0, 64, 30)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("classes",))
+    sharded = jax.device_put(kernel, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, "classes")))
+    got = embeddings.closed_set_accuracy(features, sharded, labels, ks=(1, 5), batch_size=16,
+                                         chunk_size=4, mesh=mesh, class_axis="classes")
+    assert got == embeddings.closed_set_accuracy(features, kernel, labels, ks=(1, 5))
+
+
 def test_closed_set_accuracy_names_bad_ks():
     with pytest.raises(ValueError, match=r"ks must be in \[1, 3\]"):
         embeddings.closed_set_accuracy(np.ones((2, 4)), np.ones((4, 3)), np.zeros(2), ks=(1, 5))
