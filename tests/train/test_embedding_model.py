@@ -79,6 +79,13 @@ def test_resnet_glyph_downsamples_a_32x32_glyph_to_4x4_before_the_embedding():
     assert sum(x.size for x in jax.tree.leaves(shapes)) == expected == 835_232
 
 
+def test_resnet_face_downsamples_a_112x112_face_to_7x7():
+    model = models.create_model("resnet_face", 10_575, head="fused")  # CASIA-WebFace's classes
+    shapes = jax.eval_shape(lambda: init(model, (112, 112, 3)))["params"]
+    assert shapes["Dense_0"]["kernel"].shape == (7 * 7 * 512, 512)
+    assert shapes[embeddings.HEAD_NAME]["kernel"].shape == (512, 10_575)
+
+
 def test_embedding_dim_is_for_embedding_models_only():
     with pytest.raises(ValueError, match="embedding_dim is set by the models"):
         models.create_model("small_cnn", 10, embedding_dim=128)
