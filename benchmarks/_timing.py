@@ -1,5 +1,6 @@
 """What both benchmarks share: interleaved timing rounds, and the JSON they write."""
 
+import functools
 import json
 import platform
 import statistics
@@ -28,6 +29,28 @@ def interleaved_times(calls: dict[str, Callable[[], float]], *, min_repeats: int
             times[name].append(calls[name]())
         repeat += 1
     return times, repeat
+
+
+def interleaved_train_steps(runs: dict[str, list], *, min_repeats: int, budget_s: float,
+                            warmup: int = 3) -> tuple[dict, int]:
+    """`interleaved_times` of jitted train steps, after `warmup` steps of each (compiling).
+
+    `runs[name]` is `[train_step, state, batch]`; each step's new state replaces the old one,
+    which the step donates. Each time includes `block_until_ready` on the state and metrics.
+    """
+    def step(name):
+        train_step, state, batch = runs[name]
+        start = time.perf_counter()
+        state, metrics = train_step(state, *batch)
+        jax.block_until_ready((state, metrics))
+        runs[name][1] = state
+        return time.perf_counter() - start
+
+    for name in runs:
+        for _ in range(warmup):
+            step(name)
+    return interleaved_times({name: functools.partial(step, name) for name in runs},
+                             min_repeats=min_repeats, budget_s=budget_s)
 
 
 def medians(times: dict[str, list[float]]) -> dict[str, float]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -62,20 +61,8 @@ def bench_model(name, *, batch_size, min_repeats, budget_s, num_steps=10_000):
                  jax.device_put(labels, functions.sharded))
         runs[loss] = [functions.train_step, state, batch]
 
-    def step(loss):
-        train_step, state, batch = runs[loss]
-        start = time.perf_counter()
-        state, metrics = train_step(state, *batch)
-        jax.block_until_ready((state, metrics))
-        runs[loss][1] = state  # the step donates the old state
-        return time.perf_counter() - start
-
-    for loss in runs:  # compile and warm up
-        for _ in range(3):
-            step(loss)
-    times, repeat = _timing.interleaved_times(
-        {loss: lambda loss=loss: step(loss) for loss in runs},
-        min_repeats=min_repeats, budget_s=budget_s)
+    times, repeat = _timing.interleaved_train_steps(runs, min_repeats=min_repeats,
+                                                    budget_s=budget_s)
     median = _timing.medians(times)
     return {
         "model": name,

@@ -82,6 +82,14 @@ def validate_config(
     _choice(config, "model", models.MODELS)
     _choice(config, "head", models.HEADS)
     _check(
+        isinstance(config.embedding_dim, int) and config.embedding_dim >= 0
+        and (config.embedding_dim == 0 or config.model in models.EMBEDDING_MODELS),
+        "embedding_dim",
+        config.embedding_dim,
+        f"an integer >= 0, and 0 unless config.model is one of {models.EMBEDDING_MODELS} "
+        "(0: the model's default)",
+    )
+    _check(
         isinstance(config.fused_chunk_size, int) and config.fused_chunk_size >= 0,
         "fused_chunk_size",
         config.fused_chunk_size,

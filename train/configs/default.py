@@ -20,7 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.train_subset = 0
 
     # Model.
-    config.model = "small_cnn"  # small_cnn | vgg_mnist | vgg_cifar
+    config.model = "small_cnn"  # small_cnn | vgg_mnist | vgg_cifar | resnet_glyph | resnet_face
+    # Width of the embedding (the head's input) of resnet_glyph / resnet_face; 0: the model's
+    # default (256 / 512). The other models have none to set.
+    config.embedding_dim = 0
     # dense: NoisySoftmaxHead (logits, then the loss). fused: FusedNoisySoftmaxHead, the same
     # parameters, with the loss and accuracy computed from features and kernel block by block,
     # never the [batch, classes] logits (for very many classes; loss softmax or noisy only).
