@@ -9,6 +9,7 @@ reproducible from run to run. Gloo carries the cross-process collectives.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -191,6 +192,30 @@ def test_differing_keys_names_each_process_and_key():
     digests = [{"config.seed": "a", "code": "x"}, {"config.seed": "a", "code": "x"},
                {"config.seed": "b", "code": "y"}]
     assert multihost.differing_keys(digests) == {2: ["code", "config.seed"]}
+
+
+def test_gather_digests_round_trips_the_digest_through_the_all_gather():
+    # One process here: the all-gather returns this process's digest alone, byte for byte
+    # (the multi-process exchange is test_mismatched_config_stops_every_process_before_writing).
+    digest = {"config.seed": "0123456789abcdef", "code": "fedcba9876543210", "jax_version": "é"}
+    assert multihost.gather_digests(digest) == [digest]
+
+
+def test_no_module_imports_jax_private_api():
+    # jax._src may change in any JAX release; everything here goes through public API.
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    offenders = []
+    for folder in ("noisy_softmax_jax", "train", "tests", "benchmarks", "examples", "notebooks",
+                   "scripts", "docs"):
+        for root, _, names in os.walk(os.path.join(repo, folder)):
+            for name in names:
+                if name.endswith(".py"):
+                    path = os.path.join(root, name)
+                    with open(path) as f:
+                        text = f.read()
+                    if re.search(r"^\s*(from|import)\s+jax\._src\b", text, re.MULTILINE):
+                        offenders.append(os.path.relpath(path, repo))
+    assert not offenders, offenders
 
 
 @pytest.mark.slow
