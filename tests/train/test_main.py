@@ -162,22 +162,27 @@ def metric_entries(workdir):
     return [(record["step"], record["kind"]) for record in map(json.loads, lines)]
 
 
+def read_events(path):
+    """The events of one TensorBoard event file, up to a record cut short (where TensorBoard
+    stops reading the file)."""
+    from tensorboardX.proto import event_pb2
+
+    data = pathlib.Path(path).read_bytes()
+    while len(data) >= 12:
+        (length,) = struct.unpack("Q", data[:8])
+        if len(data) < 16 + length:
+            return
+        yield event_pb2.Event.FromString(data[12:12 + length])
+        data = data[16 + length:]
+
+
 def tensorboard_entries(workdir):
     """The (tag, step) of the scalars TensorBoard shows: the event files read in order, and a
     SessionLog.START at step s (a resumed run's purge_step) discards the earlier events at
     steps >= s, as TensorBoard does."""
     from tensorboardX.proto import event_pb2
 
-    def events(path):
-        data = path.read_bytes()
-        while len(data) >= 12:
-            (length,) = struct.unpack("Q", data[:8])
-            if len(data) < 16 + length:
-                return  # a record cut short: TensorBoard stops reading the file there
-            yield event_pb2.Event.FromString(data[12:12 + length])
-            data = data[16 + length:]
-
-    files = [list(events(path)) for path in
+    files = [list(read_events(path)) for path in
              (pathlib.Path(workdir) / "tensorboard").glob("events.out.tfevents.*")]
     shown = []
     for file in sorted((f for f in files if f), key=lambda f: f[0].wall_time):  # oldest first
