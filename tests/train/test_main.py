@@ -41,13 +41,21 @@ from train import checkpointing, preemption, prepare_data
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NUM_STEPS = 24
-RUN_FLAGS = [
-    "--config", "train/configs/default.py",
-    "--config.prepare_data=False", "--config.batch_size=16", "--config.eval_batch_size=16",
-    f"--config.num_steps={NUM_STEPS}", "--config.log_every_steps=1",
-    "--config.checkpoint_every_steps=3", "--config.max_checkpoints_to_keep=3",
-    "--config.progress_bar=False",
-]
+
+
+def run_flags(*, num_steps, checkpoint_every_steps):
+    """The flags of the tests' short runs of the small CNN on mock data, logged every step (also
+    those of tests/train/test_multihost.py)."""
+    return [
+        "--config", "train/configs/default.py",
+        "--config.prepare_data=False", "--config.batch_size=16", "--config.eval_batch_size=16",
+        f"--config.num_steps={num_steps}", "--config.log_every_steps=1",
+        f"--config.checkpoint_every_steps={checkpoint_every_steps}",
+        "--config.max_checkpoints_to_keep=3", "--config.progress_bar=False",
+    ]
+
+
+RUN_FLAGS = run_flags(num_steps=NUM_STEPS, checkpoint_every_steps=3)
 TIMEOUT_S = 300
 
 

@@ -23,11 +23,7 @@ from train import launch_local, multihost, preemption
 
 NUM_STEPS = 30
 RUN_FLAGS = [
-    "--config", "train/configs/default.py",
-    "--config.prepare_data=False", "--config.batch_size=16", "--config.eval_batch_size=16",
-    f"--config.num_steps={NUM_STEPS}", "--config.log_every_steps=1",
-    "--config.checkpoint_every_steps=5", "--config.max_checkpoints_to_keep=3",
-    "--config.progress_bar=False",
+    *test_main.run_flags(num_steps=NUM_STEPS, checkpoint_every_steps=5),
     # A small step: at the default 0.05 this tiny batch's training amplifies the last-bit
     # differences of cross-process sums to ~1% in the test loss within 30 steps.
     "--config.learning_rate=0.005",
