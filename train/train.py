@@ -9,7 +9,8 @@ sharded, the state replicated), evaluates, and writes into `workdir`:
   results.json       the final test accuracy and a sha256 fingerprint of the parameters
   config.json        the config of the run (a resumed run must match it)
   checkpoints/       Orbax checkpoints; rerunning on the same workdir resumes from the latest
-  tensorboard/       TensorBoard event files
+  tensorboard/       TensorBoard event files, and complete_through.json: the last step whose
+                     events are known to be on disk (`metric_writers`)
 
 The pieces it wires together: `steps` (the jitted state, losses and steps), `checkpointing`,
 `metric_writers`, `health` (NaN and collapse checks), `preemption` (SIGTERM) and `files` (writes
