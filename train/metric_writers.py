@@ -60,10 +60,12 @@ class TensorBoardEvents:
         # Before the new event file: a kill from here on makes the next run start from there too.
         files.atomic_write_text(self._marker, json.dumps({"step": trusted}))
         self.last_step = trusted
-        # Events are written by SummaryWriter's thread into a buffer that the flush after each
-        # write empties in this thread (so that a failure is raised here); its own flush, once a
-        # day, does not come in a run. Its file names hold the time in seconds: the suffix
-        # keeps two writers of one second apart, in the order TensorBoard must read them.
+        # SummaryWriter's thread writes the events into the file's buffer; the flush after each
+        # write empties it from this thread, so that a failed write (a full disk) is raised
+        # here and the buffer never fills enough for the thread to write, and fail, by itself
+        # (its own flush, once a day, does not come in a run). Its file names hold the time in
+        # seconds: the suffix keeps two writers of one second apart, in the order TensorBoard
+        # must read them.
         self._writer = SummaryWriter(logdir, purge_step=trusted + 1 if earlier else None,
                                      max_queue=1000, flush_secs=86_400,
                                      filename_suffix=f".{time.time_ns()}.{os.getpid()}")
