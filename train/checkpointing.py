@@ -4,6 +4,8 @@ damaged ones.
 `Checkpoints.save` is the one save path (periodic, SIGTERM and Ctrl-C saves alike): it records
 with each checkpoint, in Orbax's per-step custom metadata (written atomically with the step and
 deleted with it), the sha256 digest of the saved state and the training time spent to reach it.
+In a single-process run the loop waits only for a host copy of the state: the digest of that
+copy and Orbax's save of it run in a background thread (see `Checkpoints.save`).
 `Checkpoints.restore_latest_good` restores the newest checkpoint that reads back intact (what it
 reads must match the digest); a damaged one is moved aside with a warning and the previous one is
 tried. Never a silent start from scratch.
@@ -21,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -55,8 +58,14 @@ def tree_sha256(tree) -> str:
             leaf = leaf.addressable_data(0)
         array = np.asarray(leaf)
         digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
+        # The bytes where they lie (a uint8 view, any dtype): no copy of them for the hash.
+        digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
     return digest.hexdigest()
+
+
+def _host_copy(leaf) -> np.ndarray:
+    """A host copy of `leaf` that the next (donating) training step cannot overwrite."""
+    return np.array(leaf, copy=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +115,9 @@ class Checkpoints:
     error an async save reports at the next save or wait) raises `files.DiskFullError` naming
     the step directory it was writing.
 
+    Restore before the first save: `restore_latest_good` and `record` read the checkpoints as
+    they are on disk.
+
     Args:
       workdir: the run's workdir.
       max_to_keep: the newest checkpoints kept; older ones are deleted with their records.
@@ -125,6 +137,9 @@ class Checkpoints:
                 # Named, so that reading a step's metadata needs no guess (and logs no warning).
                 item_handlers=ocp.StandardCheckpointHandler(),
             )
+        self._latest = self._manager.latest_step()
+        self._saving: threading.Thread | None = None  # the background part of a save
+        self._saving_error: BaseException | None = None
 
     def _writes(self):
         return files.disk_full_check(self._path_of_failed_save)
@@ -137,26 +152,66 @@ class Checkpoints:
         return os.path.join(self.directory, match.group(1)) if match else self.directory
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        """The newest step saved or being saved (it does not wait for a save in progress)."""
+        return self._latest
 
     def all_steps(self) -> list[int]:
+        self.wait_until_finished()
         return list(self._manager.all_steps())
 
     def save(self, step: int, state, train_time: TrainTime) -> None:
         """Saves `state` as the checkpoint of `step` (asynchronously), with its digest and the
-        training time spent to reach it; a step already saved is left as it is."""
-        if step == self.latest_step():
+        training time spent to reach it; a step already saved is left as it is.
+
+        One process: the call returns once it has a host copy of `state`; a background thread
+        then computes the digest of the copy and hands the copy to Orbax's asynchronous save,
+        with the digest in its metadata. Several processes: the digest is computed here and
+        Orbax saves `state` itself, because Orbax's save begins with a barrier across the
+        processes that must stay in step with the training loop's collectives, so it cannot
+        run in another thread.
+        """
+        if step == self._latest:
             return
-        record = {"state_sha256": tree_sha256(state), "train_time_s": train_time.seconds,
-                  "timed_steps": train_time.timed_steps}
-        with self._writes():
-            self._manager.save(step, args=ocp.args.StandardSave(state), custom_metadata=record)
+        # One save at a time: the previous one finishes, or raises its error, here (as within
+        # Orbax's own save).
+        self.wait_until_finished()
+        record = {"train_time_s": train_time.seconds, "timed_steps": train_time.timed_steps}
+        if jax.process_count() > 1:
+            with self._writes():
+                self._manager.save(step, args=ocp.args.StandardSave(state),
+                                   custom_metadata={"state_sha256": tree_sha256(state), **record})
+        else:
+            host_state = jax.tree.map(_host_copy, state)
+            self._saving = threading.Thread(
+                target=self._save_in_background, args=(step, host_state, record),
+                name=f"checkpoint-{step}")
+            self._saving.start()
+        self._latest = step
+
+    def _save_in_background(self, step: int, host_state, record: dict[str, Any]) -> None:
+        try:
+            self._manager.save(step, args=ocp.args.StandardSave(host_state),
+                               custom_metadata={"state_sha256": tree_sha256(host_state), **record})
+        except BaseException as error:  # pylint: disable=broad-except  # raised by the next call
+            self._saving_error = error
+
+    def _finish_saving(self) -> None:
+        """Waits for the background part of a save; raises what failed there."""
+        if self._saving is not None:
+            self._saving.join()
+            self._saving = None
+        error, self._saving_error = self._saving_error, None
+        if error is not None:
+            with self._writes():
+                raise error
 
     def wait_until_finished(self) -> None:
+        self._finish_saving()
         with self._writes():
             self._manager.wait_until_finished()
 
     def close(self) -> None:
+        self._finish_saving()
         with self._writes():
             self._manager.close()
 
@@ -244,4 +299,5 @@ class Checkpoints:
         if os.path.exists(source):
             shutil.move(source, target)
         self._manager.reload()  # forget the moved step
+        self._latest = self._manager.latest_step()
         return target

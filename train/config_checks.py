@@ -66,6 +66,20 @@ def validate_config(
     Raises:
       ConfigError: naming the key and what it may be.
     """
+    _check_keys(config)
+    _check_data_and_model(config)
+    _check_loss(config)
+    _check_optimizer(config)
+    _check_periodic_work(config)
+    _check_batch_sizes(
+        config,
+        num_devices=jax.device_count() if num_devices is None else num_devices,
+        num_processes=jax.process_count() if num_processes is None else num_processes,
+    )
+
+
+def _check_keys(config) -> None:
+    """Exactly the keys of train/configs/default.py."""
     allowed = set(default_config.get_config().keys())
     unknown = sorted(set(config.keys()) - allowed)
     if unknown:
@@ -78,6 +92,9 @@ def validate_config(
         raise ConfigError(
             f"config lacks the key(s) {', '.join(missing)} (start from train/configs/default.py)"
         )
+
+
+def _check_data_and_model(config) -> None:
     _choice(config, "dataset", tuple(input_pipeline.DATASETS))
     _choice(config, "model", models.MODELS)
     _choice(config, "head", models.HEADS)
@@ -95,11 +112,22 @@ def validate_config(
         config.fused_chunk_size,
         "an integer >= 0 (0: the fused loss's default)",
     )
+    info = input_pipeline.DATASETS[config.dataset]
+    _check(
+        isinstance(config.train_subset, int)
+        and config.train_subset >= 0
+        and config.train_subset % info.num_classes == 0,
+        "train_subset",
+        config.train_subset,
+        f"0 (the whole split) or a positive multiple of the {info.num_classes} classes of "
+        f"{config.dataset} (the split size is checked when the data is loaded)",
+    )
+
+
+def _check_loss(config) -> None:
     _choice(config, "loss", steps.LOSSES)
     _choice(config, "noise", NOISE_VARIANTS)
-    _choice(config, "lr_schedule", steps.LR_SCHEDULES)
     _choice(config, "alpha_schedule", steps.ALPHA_SCHEDULES)
-    _check(config.learning_rate > 0, "learning_rate", config.learning_rate, "> 0")
     _check(
         config.alpha >= 0,
         "alpha",
@@ -113,6 +141,7 @@ def validate_config(
         config.stop_norm_gradient,
         "True or False",
     )
+    _check(0 <= config.label_smoothing < 1, "label_smoothing", config.label_smoothing, "in [0, 1)")
     if config.head == "fused":
         # What the fused head cannot do without the logits it never forms.
         _check(
@@ -133,9 +162,13 @@ def validate_config(
             config.train_saturation_every_steps,
             "-1 with config.head='fused' (the full-set saturation reads the logits)",
         )
+
+
+def _check_optimizer(config) -> None:
+    _choice(config, "lr_schedule", steps.LR_SCHEDULES)
+    _check(config.learning_rate > 0, "learning_rate", config.learning_rate, "> 0")
     _check(0 <= config.momentum < 1, "momentum", config.momentum, "in [0, 1)")
     _check(config.weight_decay >= 0, "weight_decay", config.weight_decay, ">= 0")
-    _check(0 <= config.label_smoothing < 1, "label_smoothing", config.label_smoothing, "in [0, 1)")
     _check(
         config.num_steps > 0 or config.num_epochs > 0,
         "num_epochs",
@@ -151,6 +184,10 @@ def validate_config(
         decay_at,
         "increasing fractions of training in (0, 1)",
     )
+
+
+def _check_periodic_work(config) -> None:
+    """Logs, evaluations, checkpoints and whole-set saturation: how often."""
     for key in ("log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep"):
         _check(config[key] > 0, key, config[key], "> 0")
     _check(
@@ -165,18 +202,10 @@ def validate_config(
         config.train_saturation_every_steps,
         "> 0, or -1 for off",
     )
-    info = input_pipeline.DATASETS[config.dataset]
-    _check(
-        isinstance(config.train_subset, int)
-        and config.train_subset >= 0
-        and config.train_subset % info.num_classes == 0,
-        "train_subset",
-        config.train_subset,
-        f"0 (the whole split) or a positive multiple of the {info.num_classes} classes of "
-        f"{config.dataset} (the split size is checked when the data is loaded)",
-    )
-    num_devices = jax.device_count() if num_devices is None else num_devices
-    num_processes = jax.process_count() if num_processes is None else num_processes
+
+
+def _check_batch_sizes(config, *, num_devices: int, num_processes: int) -> None:
+    """Each batch splits evenly over the devices and over the processes that feed them."""
     for key in ("batch_size", "eval_batch_size"):
         _check(
             config[key] > 0 and config[key] % num_devices == 0 and config[key] % num_processes == 0,

@@ -3,14 +3,16 @@
   initialize        `jax.distributed.initialize` with auto-detection (TPU VMs, SLURM, Open MPI)
                     or explicit coordinator, count and id, and timeouts short enough that a dead
                     peer is seen within about a minute (JAX's defaults wait up to 5 minutes).
-  check_same_run    every process publishes a digest of each config key and of the code; any
+  check_same_run    the processes exchange a digest of each config key and of the code (an
+                    all-gather, `jax.experimental.multihost_utils.process_allgather`); any
                     difference stops every process with one line naming the differing keys,
                     before anything is written to the workdir.
   lost_peer         recognises the errors that say another process is gone (a collective
                     failing on a closed connection); `exit_on_lost_peer` then ends the process
                     with one line instead of a traceback and JAX's abort at exit.
 
-Both run before anything touches a device. On one process `check_same_run` does nothing.
+`initialize` runs before anything touches a device, `check_same_run` right after it, before
+the data or the workdir. On one process `check_same_run` does nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from train import errors
 
@@ -33,7 +37,6 @@ PER_HOST_KEYS = frozenset({"data_dir", "prepare_data", "progress_bar"})
 # The packages whose source every process must share.
 CODE_PACKAGES = ("noisy_softmax_jax", "train")
 _REPO = pathlib.Path(__file__).resolve().parents[1]
-_KEY_PREFIX = "noisy_softmax_jax/run_digest"
 
 
 class HostMismatchError(errors.RunError):
@@ -139,25 +142,32 @@ def differing_keys(digests: list[dict[str, Any]]) -> dict[int, list[str]]:
     return differences
 
 
-def check_same_run(config: ml_collections.ConfigDict, *, timeout_s: int = 60) -> None:
+def gather_digests(digest: dict[str, str]) -> list[dict[str, str]]:
+    """Every process's `digest`, in process order: a collective that every process must call.
+
+    The digests travel as UTF-8 JSON bytes, padded to the longest so that the all-gather sees
+    the same shape everywhere.
+    """
+    data = np.frombuffer(json.dumps(digest, sort_keys=True).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32)))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(row[:length].tobytes()) for row, length in zip(gathered, lengths[:, 0])]
+
+
+def check_same_run(config: ml_collections.ConfigDict) -> None:
     """Stops every process, with the same one line, if any differs in config or code.
 
-    Each process publishes its `run_digest` in the coordination service's key-value store and
-    reads every other's, so all of them reach the same verdict.
+    Each process gathers every process's `run_digest` (`gather_digests`), so all of them reach
+    the same verdict.
 
     Raises:
       HostMismatchError: naming each differing process and key.
     """
     if jax.process_count() == 1:
         return
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top  # the KV store
-    client = distributed.global_state.client
-    client.key_value_set(f"{_KEY_PREFIX}/{jax.process_index()}", json.dumps(run_digest(config)))
-    digests = [
-        json.loads(client.blocking_key_value_get(f"{_KEY_PREFIX}/{index}", timeout_s * 1000))
-        for index in range(jax.process_count())
-    ]
-    differences = differing_keys(digests)
+    differences = differing_keys(gather_digests(run_digest(config)))
     if differences:
         detail = "; ".join(f"process {index} differs from process 0 in {', '.join(keys)}"
                            for index, keys in differences.items())

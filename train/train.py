@@ -9,7 +9,8 @@ sharded, the state replicated), evaluates, and writes into `workdir`:
   results.json       the final test accuracy and a sha256 fingerprint of the parameters
   config.json        the config of the run (a resumed run must match it)
   checkpoints/       Orbax checkpoints; rerunning on the same workdir resumes from the latest
-  tensorboard/       TensorBoard event files
+  tensorboard/       TensorBoard event files, and complete_through.json: the last step whose
+                     events are known to be on disk (`metric_writers`)
 
 The pieces it wires together: `steps` (the jitted state, losses and steps), `checkpointing`,
 `metric_writers`, `health` (NaN and collapse checks), `preemption` (SIGTERM) and `files` (writes
@@ -244,7 +245,9 @@ def train_and_evaluate(
     config_checks.validate_config(config, num_devices=len(devices))
     workdir = os.path.abspath(os.path.expanduser(workdir))
     is_writer = jax.process_index() == 0
-    with files.partial_writes_removed_on_disk_full(workdir, enabled=is_writer):
+    # On the way out the half-written files go first, then the metric writers close.
+    with (contextlib.ExitStack() as closing,
+          files.partial_writes_removed_on_disk_full(workdir, enabled=is_writer)):
         if is_writer:
             prepare_workdir(config, workdir)
         # Data: the whole split in host memory; each process feeds its slice of every batch.
@@ -274,7 +277,8 @@ def train_and_evaluate(
             config_checks.check_or_write_config(config, workdir, write=True)
 
         progress = Progress(is_writer and config.progress_bar, total=num_steps, initial=start_step)
-        writer = metric_writers.MetricWriter(workdir, is_writer, resumed_from=start_step)
+        writer = closing.enter_context(
+            metric_writers.MetricWriter(workdir, is_writer, resumed_from=start_step))
         checks = health.HealthChecks(config, input_pipeline.DATASETS[config.dataset].num_classes)
         train_log = TrainLog(writer, checks, progress, batch_size=config.batch_size,
                              first_step=start_step, earlier=earlier_time)
@@ -320,7 +324,6 @@ def train_and_evaluate(
         if is_writer:  # atomic: a kill or a full disk leaves no truncated results.json
             files.atomic_write_text(
                 os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
-        writer.close()
         checkpoints.close()
         return results
 

@@ -2,7 +2,9 @@
 each, the restore that falls back from a damaged checkpoint, and the side files of older
 workdirs. The end-to-end kills of `python -m train` are in tests/train/test_main.py."""
 
+import errno
 import glob
+import hashlib
 import json
 import os
 
@@ -13,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from train import checkpointing
+from train import checkpointing, files
 from train.checkpointing import TrainTime
 
 
@@ -83,6 +85,20 @@ def garble(path):
             data[i] ^= 0x5A
         f.seek(0)
         f.write(data)
+
+
+def test_tree_sha256_is_the_sha256_of_each_leafs_path_dtype_shape_and_bytes():
+    # The definition, written out: the fingerprints of results.json and the digests recorded in
+    # existing checkpoints depend on it staying exactly this.
+    state = make_state(2).replace(params={"w": jnp.arange(6.0).reshape(2, 3).T,  # not C order
+                                          "b": jnp.asarray(np.float16(1.5)),
+                                          "m": jnp.ones((2, 0), jnp.bfloat16)})
+    reference = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        array = np.asarray(leaf)
+        reference.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};".encode())
+        reference.update(np.ascontiguousarray(array).tobytes())
+    assert checkpointing.tree_sha256(state) == reference.hexdigest()
 
 
 def test_tree_sha256_is_stable_and_sees_every_leaf():
@@ -200,3 +216,38 @@ def test_the_records_saved_with_a_checkpoint_take_precedence_over_side_files(tmp
 ])
 def test_train_time_from_record(record, expected):
     assert TrainTime.from_record(record) == expected
+
+
+# ------------------------------------------------------------------- the background part of a save
+
+
+def test_a_save_holds_the_state_as_it_was_when_the_next_step_reuses_its_buffers(tmp_path):
+    # The loop goes on (and donates the state's buffers to the next step) as soon as save()
+    # returns; the digest and the write work on a copy.
+    checkpoints = checkpointing.Checkpoints(str(tmp_path), max_to_keep=5)
+    state = jax.device_put(make_state(4))
+    expected = jax.tree.map(np.asarray, jax.device_get(state))
+    checkpoints.save(4, state, train_time_at(4))
+    assert checkpoints.latest_step() == 4  # before the background part has finished
+    step = jax.jit(lambda s: jax.tree.map(lambda x: x * 0 + 7, s), donate_argnums=0)
+    jax.block_until_ready(step(state))
+    checkpoints.close()
+    restored = restore(str(tmp_path))
+    assert restored.step == 4
+    for got, want in zip(jax.tree.leaves(restored.state), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_failure_in_the_background_part_is_raised_by_the_next_call(tmp_path, monkeypatch):
+    checkpoints = checkpointing.Checkpoints(str(tmp_path), max_to_keep=5)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints._manager, "save", no_space)
+    checkpoints.save(1, make_state(1), train_time_at(1))  # returns: the failure comes later
+    with pytest.raises(files.DiskFullError, match="ENOSPC"):
+        checkpoints.wait_until_finished()
+    checkpoints.wait_until_finished()  # raised once
+    monkeypatch.undo()
+    checkpoints.close()

@@ -41,13 +41,21 @@ from train import checkpointing, preemption, prepare_data
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NUM_STEPS = 24
-RUN_FLAGS = [
-    "--config", "train/configs/default.py",
-    "--config.prepare_data=False", "--config.batch_size=16", "--config.eval_batch_size=16",
-    f"--config.num_steps={NUM_STEPS}", "--config.log_every_steps=1",
-    "--config.checkpoint_every_steps=3", "--config.max_checkpoints_to_keep=3",
-    "--config.progress_bar=False",
-]
+
+
+def run_flags(*, num_steps, checkpoint_every_steps):
+    """The flags of the tests' short runs of the small CNN on mock data, logged every step (also
+    those of tests/train/test_multihost.py)."""
+    return [
+        "--config", "train/configs/default.py",
+        "--config.prepare_data=False", "--config.batch_size=16", "--config.eval_batch_size=16",
+        f"--config.num_steps={num_steps}", "--config.log_every_steps=1",
+        f"--config.checkpoint_every_steps={checkpoint_every_steps}",
+        "--config.max_checkpoints_to_keep=3", "--config.progress_bar=False",
+    ]
+
+
+RUN_FLAGS = run_flags(num_steps=NUM_STEPS, checkpoint_every_steps=3)
 TIMEOUT_S = 300
 
 
@@ -162,22 +170,27 @@ def metric_entries(workdir):
     return [(record["step"], record["kind"]) for record in map(json.loads, lines)]
 
 
+def read_events(path):
+    """The events of one TensorBoard event file, up to a record cut short (where TensorBoard
+    stops reading the file)."""
+    from tensorboardX.proto import event_pb2
+
+    data = pathlib.Path(path).read_bytes()
+    while len(data) >= 12:
+        (length,) = struct.unpack("Q", data[:8])
+        if len(data) < 16 + length:
+            return
+        yield event_pb2.Event.FromString(data[12:12 + length])
+        data = data[16 + length:]
+
+
 def tensorboard_entries(workdir):
     """The (tag, step) of the scalars TensorBoard shows: the event files read in order, and a
     SessionLog.START at step s (a resumed run's purge_step) discards the earlier events at
     steps >= s, as TensorBoard does."""
     from tensorboardX.proto import event_pb2
 
-    def events(path):
-        data = path.read_bytes()
-        while len(data) >= 12:
-            (length,) = struct.unpack("Q", data[:8])
-            if len(data) < 16 + length:
-                return  # a record cut short: TensorBoard stops reading the file there
-            yield event_pb2.Event.FromString(data[12:12 + length])
-            data = data[16 + length:]
-
-    files = [list(events(path)) for path in
+    files = [list(read_events(path)) for path in
              (pathlib.Path(workdir) / "tensorboard").glob("events.out.tfevents.*")]
     shown = []
     for file in sorted((f for f in files if f), key=lambda f: f[0].wall_time):  # oldest first

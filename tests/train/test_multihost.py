@@ -9,6 +9,7 @@ reproducible from run to run. Gloo carries the cross-process collectives.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,11 +23,7 @@ from train import launch_local, multihost, preemption
 
 NUM_STEPS = 30
 RUN_FLAGS = [
-    "--config", "train/configs/default.py",
-    "--config.prepare_data=False", "--config.batch_size=16", "--config.eval_batch_size=16",
-    f"--config.num_steps={NUM_STEPS}", "--config.log_every_steps=1",
-    "--config.checkpoint_every_steps=5", "--config.max_checkpoints_to_keep=3",
-    "--config.progress_bar=False",
+    *test_main.run_flags(num_steps=NUM_STEPS, checkpoint_every_steps=5),
     # A small step: at the default 0.05 this tiny batch's training amplifies the last-bit
     # differences of cross-process sums to ~1% in the test loss within 30 steps.
     "--config.learning_rate=0.005",
@@ -191,6 +188,30 @@ def test_differing_keys_names_each_process_and_key():
     digests = [{"config.seed": "a", "code": "x"}, {"config.seed": "a", "code": "x"},
                {"config.seed": "b", "code": "y"}]
     assert multihost.differing_keys(digests) == {2: ["code", "config.seed"]}
+
+
+def test_gather_digests_round_trips_the_digest_through_the_all_gather():
+    # One process here: the all-gather returns this process's digest alone, byte for byte
+    # (the multi-process exchange is test_mismatched_config_stops_every_process_before_writing).
+    digest = {"config.seed": "0123456789abcdef", "code": "fedcba9876543210", "jax_version": "é"}
+    assert multihost.gather_digests(digest) == [digest]
+
+
+def test_no_module_imports_jax_private_api():
+    # jax._src may change in any JAX release; everything here goes through public API.
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    offenders = []
+    for folder in ("noisy_softmax_jax", "train", "tests", "benchmarks", "examples", "notebooks",
+                   "scripts", "docs"):
+        for root, _, names in os.walk(os.path.join(repo, folder)):
+            for name in names:
+                if name.endswith(".py"):
+                    path = os.path.join(root, name)
+                    with open(path) as f:
+                        text = f.read()
+                    if re.search(r"^\s*(from|import)\s+jax\._src\b", text, re.MULTILINE):
+                        offenders.append(os.path.relpath(path, repo))
+    assert not offenders, offenders
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Issue 14: the fixed training subset and the whole-training-set saturation."""
+"""The fixed training subset and the whole-training-set saturation (the small-data grid)."""
 
 import flax.linen as nn
 import jax

@@ -1,20 +1,50 @@
-"""The report of train.compare: statistics, tables, plots and the README splice, from fake runs."""
+"""The report of experiments.compare: statistics, tables, plots and the README splice, from
+fake runs."""
 
 import math
 import os
 
 import pytest
 
-from tests.train import fake_runs
-from train import report, sweeps
+from experiments import plots, report, runs, statistics, sweeps
+from tests.experiments import fake_runs
 
 
 def test_welch_and_spread():
-    assert report.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
-    assert math.isnan(report.mean_std([1.0])[1])
-    assert report.welch_p([1.0, 1.1, 0.9], [5.0, 5.1, 4.9]) < 1e-3
-    assert report.welch_p([1.0, 2.0, 3.0], [1.5, 2.5, 1.0]) > 0.5
-    assert math.isnan(report.welch_p([1.0], [2.0, 3.0]))
+    assert statistics.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert math.isnan(statistics.mean_std([1.0])[1])
+    assert statistics.welch_p([1.0, 1.1, 0.9], [5.0, 5.1, 4.9]) < 1e-3
+    assert statistics.welch_p([1.0, 2.0, 3.0], [1.5, 2.5, 1.0]) > 0.5
+    assert math.isnan(statistics.welch_p([1.0], [2.0, 3.0]))
+
+
+def test_holm_adjusts_the_p_values_of_one_family_and_skips_undefined_ones():
+    # Holm's step-down by hand: sorted 0.01, 0.03, 0.04, 0.2 times 4, 3, 2, 1, kept monotone.
+    assert statistics.holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    adjusted = statistics.holm([float("nan"), 0.02, 0.03, 0.9])
+    assert math.isnan(adjusted[0]) and adjusted[1:] == pytest.approx([0.06, 0.06, 0.9])
+    assert statistics.holm([]) == []
+
+
+def test_one_rule_for_every_configuration_a_p_below_005_alone_is_not_a_difference():
+    softmax = [0.030, 0.031, 0.032, 0.033, 0.034]
+    errors = {
+        "softmax": softmax,
+        "a": [0.028, 0.029, 0.030, 0.031, 0.0305],  # Welch p about 0.03 on its own
+        "b": [0.030, 0.032, 0.031, 0.034, 0.033],
+        "c": [0.031, 0.030, 0.033, 0.032, 0.035],
+    }
+    comparisons = statistics.versus_softmax(errors)
+    assert list(comparisons) == ["a", "b", "c"]
+    assert comparisons["a"].p_value < 0.05 <= comparisons["a"].adjusted_p
+    assert comparisons["a"].adjusted_p == pytest.approx(
+        min(1.0, 3 * statistics.welch_p(errors["a"], softmax)))
+    assert statistics.significance_summary(comparisons, "mnist") == [
+        "- mnist: no configuration differs from softmax (every Holm p >= 0.05)."]
+    clear = statistics.versus_softmax({**errors, "a": [0.020, 0.021, 0.022, 0.021, 0.020]})
+    assert statistics.significance_summary(clear, "mnist")[0].startswith(
+        "- mnist: a has lower test error than softmax by 1.12 pp (Welch p < 0.001, Holm p "
+        "< 0.001)")
 
 
 def test_report_writes_tables_plots_and_fills_the_readme(tmp_path):
@@ -30,6 +60,7 @@ def test_report_writes_tables_plots_and_fills_the_readme(tmp_path):
     report.report(results)
 
     tables = fake_runs.read(os.path.join(results, "tables.md"))
+    assert tables.count("Holm-Bonferroni") == 1  # the rule, stated once
     assert "| softmax | 3 | 3.10 ± 0.10 |" in tables
     assert "| noisy_a0.1 | 3 | 2.60 ± 0.10 | -0.50 |" in tables
     assert "disjoint" in tables
@@ -57,7 +88,7 @@ def test_report_writes_tables_plots_and_fills_the_readme(tmp_path):
     ],
 )
 def test_stops_norm_gradient_reads_the_config_then_old_run_info(row, stopped):
-    assert report.stops_norm_gradient(row) is stopped
+    assert runs.stops_norm_gradient(row) is stopped
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "results")
@@ -65,9 +96,9 @@ RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__)
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(RESULTS, "runs")), reason="no stored runs")
 def test_committed_tables_are_what_the_stored_runs_give():
-    # `python -m train.compare --report-only` must reproduce results/tables.md (and so the
+    # `python -m experiments.compare --report-only` must reproduce results/tables.md (and so the
     # README's numbers) from the stored runs alone.
-    assert report.tables(report.load_runs(RESULTS)) == fake_runs.read(
+    assert report.tables(runs.load_runs(RESULTS)) == fake_runs.read(
         os.path.join(RESULTS, "tables.md"))
 
 
@@ -85,7 +116,7 @@ def test_error_panels_put_collapsed_and_degraded_configurations_apart():
         _row("fashion_mnist", "free_a0.1", 0.15),  # no softmax to compare with
     ]
     panels = [(title, {name: len(errors) for name, errors in group.items()})
-              for title, group in report.error_panels(rows)]
+              for title, group in plots.error_panels(rows)]
     assert panels == [
         ("mnist", {"softmax": 2, "noisy_a0.1": 2}),
         ("mnist:\ncollapsed or > 2x softmax", {"noisy_a0.5": 2, "negative_a0.1": 2}),

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import compare, sweeps
 from noisy_softmax_jax import HeadOutput
-from tests.train import fake_runs
-from train import compare, steps, sweeps
+from tests.experiments import fake_runs
+from train import steps
 from train import train as train_lib
 
 
@@ -111,18 +112,21 @@ def test_dashed_flag_names_are_accepted(argv, expected):
     assert compare.underscored_flag_names(argv) == expected
 
 
-def _cli(*args, cwd):
+def _cli(*args, cwd, module="experiments.compare"):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "train.compare", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
-def test_list_shows_done_and_todo_runs(tmp_path):
+# `python -m train.compare`, the command's old name, runs the same command.
+@pytest.mark.parametrize("module", ["experiments.compare", "train.compare"])
+def test_list_shows_done_and_todo_runs(tmp_path, module):
     run = sweeps.Run("mnist", "softmax", 0)
     fake_runs.fake_run(sweeps.run_config(run), run.workdir(str(tmp_path)))
     listed = _cli("--list", "--results", str(tmp_path), "--grid=main", "--seeds", "0,1",
-                  "--datasets=mnist", "--configurations", "softmax,noisy_a0.1", cwd=tmp_path)
+                  "--datasets=mnist", "--configurations", "softmax,noisy_a0.1", cwd=tmp_path,
+                  module=module)
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.split("\n")[:4] == [
         f"done  {run.workdir(str(tmp_path))}",

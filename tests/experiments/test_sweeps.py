@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from train import config_checks, sweeps
+from experiments import sweeps
+from train import config_checks
 from train.configs import default
 
 

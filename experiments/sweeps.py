@@ -1,4 +1,4 @@
-"""The grids of `python -m train.compare`, as data: named config overrides of `compare_short`.
+"""The grids of `python -m experiments.compare`, as data: config overrides of `compare_short`.
 
 A run is (dataset, configuration, seed). Its config is `train/configs/compare_short.py` with the
 dataset, the seed and the configuration's overrides set, and nothing else: every variant a run
@@ -51,7 +51,7 @@ ALPHA_RANGE = {
     "noisy_a1.0_nonormgrad": {"loss": "noisy", "alpha": 1.0, "stop_norm_gradient": True},
 }
 
-# Issue 14: small training subsets trained to zero training error, where softmax saturates.
+# Small training subsets trained to zero training error, where softmax saturates.
 # The same recipe for every loss; the whole subset's clean saturation every 50 steps.
 SMALL_DATA_SUBSETS = (1000, 5000)
 # Steps per subset size, batch 64, from the pilots in results/small_data_pilot/README.md: on

@@ -1,4 +1,4 @@
-"""The small-data report (issue 14): per dataset and training subset, a table and a figure."""
+"""The small-data report: per dataset and training subset, a table and a figure."""
 
 import json
 import math
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tests.train import fake_runs
-from train import report, sweeps
+from experiments import report, runs, small_data, sweeps
+from tests.experiments import fake_runs
 
 # Fake runs of 200 steps with whole-subset saturation every 50, as the grid logs it.
 STEPS = 200
@@ -99,6 +99,20 @@ def _mean_std(values):
     return values.mean(), values.std(ddof=1) if len(values) > 1 else float("nan")
 
 
+def _p_cell(p_value):
+    return "< 0.001" if p_value < 0.001 else f"{p_value:.3f}"
+
+
+def _holm(p_values):
+    """Holm's step-down adjustment written out: the k-th smallest of m p-values times m - k + 1,
+    never below the adjusted p-value before it, at most 1."""
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, index in enumerate(np.argsort(p_values)):
+        running = max(running, (len(p_values) - rank) * p_values[index])
+        adjusted[index] = min(1.0, running)
+    return adjusted
+
+
 def _saturation_step(fractions):
     reached = np.flatnonzero(np.asarray(fractions) >= 0.9)
     return FULL_STEPS[reached[0]] if reached.size else None
@@ -111,7 +125,7 @@ def _saturation_step(fractions):
 def test_table_numbers_equal_an_independent_computation(written, dataset, subset, loss):
     _, truth, tables = written
     runs = truth[(dataset, subset)][loss]
-    (name, n, error, delta, p, intervals, step, never, target_grad, train_error,
+    (name, n, error, delta, p, holm_p, intervals, step, never, target_grad, train_error,
      amplitude) = _cells(tables, dataset, subset, loss)
     assert (name, int(n)) == (loss, len(runs))
     errors = [100 * r["test_error"] for r in runs]
@@ -119,11 +133,16 @@ def test_table_numbers_equal_an_independent_computation(written, dataset, subset
 
     baseline = [100 * r["test_error"] for r in truth[(dataset, subset)]["softmax"]]
     if loss == "softmax":
-        assert (delta, p, intervals) == ("", "", "")
+        assert (delta, p, holm_p, intervals) == ("", "", "", "")
     else:
         assert float(delta) == pytest.approx(np.mean(errors) - np.mean(baseline), abs=0.005)
         welch = stats.ttest_ind(errors, baseline, equal_var=False).pvalue
-        assert p == ("< 0.001" if welch < 0.001 else f"{welch:.3f}")
+        assert p == _p_cell(welch)
+        # The family: every loss of this table against softmax.
+        others = [other for other in truth[(dataset, subset)] if other != "softmax"]
+        family = [stats.ttest_ind([100 * r["test_error"] for r in truth[(dataset, subset)][o]],
+                                  baseline, equal_var=False).pvalue for o in others]
+        assert holm_p == _p_cell(_holm(family)[others.index(loss)])
         (m, s), (bm, bs) = _mean_std(errors), _mean_std(baseline)
         assert intervals == ("disjoint" if m + 2 * s < bm - 2 * bs or m - 2 * s > bm + 2 * bs
                              else "overlap")
@@ -185,7 +204,7 @@ def test_small_data_runs_leave_the_whole_split_tables_as_they_were(tmp_path):
             run = sweeps.Run("mnist", name, seed)
             fake_runs.fake_run(sweeps.run_config(run), run.workdir(results),
                                train_full={30: {"train_full_saturated_fraction": 0.95}})
-    rows = report.load_runs(results)
+    rows = runs.load_runs(results)
     whole_split = [r for r in rows if "_n1000" not in r["name"]]
     assert len(whole_split) == 4
     text = report.tables(rows)
@@ -211,11 +230,11 @@ def _full(step, fraction):
     ],
 )
 def test_saturation_step(records, step):
-    assert report.saturation_step(records) == step
+    assert small_data.saturation_step(records) == step
 
 
 def test_saturation_step_at_another_fraction():
-    assert report.saturation_step([_full(50, 0.5), _full(100, 0.7)], fraction=0.6) == 100
+    assert small_data.saturation_step([_full(50, 0.5), _full(100, 0.7)], fraction=0.6) == 100
 
 
 @pytest.mark.parametrize(
@@ -224,4 +243,4 @@ def test_saturation_step_at_another_fraction():
      ({"config": {}}, 0), ({}, 0)],
 )
 def test_train_subset(row, subset):
-    assert report.train_subset(row) == subset
+    assert runs.train_subset(row) == subset
