@@ -8,15 +8,17 @@ same names are :class:`noisy_softmax_jax.NoisySoftmaxHead` and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import PrecisionLike
 from jax.sharding import Mesh
 
-from noisy_softmax_jax.head import FusedHeadOutput, HeadOutput, head_output
+from noisy_softmax_jax.head import FusedHeadOutput, HeadOutput, linear_head_output
 
 __all__ = ["FusedHeadOutput", "FusedNoisySoftmaxHead", "HeadOutput", "NoisySoftmaxHead"]
 
@@ -25,27 +27,55 @@ _default_kernel_init = nnx.initializers.lecun_normal()
 _default_bias_init = nnx.initializers.zeros_init()
 
 
+def _check_in_features(head: nnx.Module, features: jax.Array) -> None:
+    """The NNX form of a feature-size mismatch: the size is the constructor's ``in_features``."""
+    in_features = head.in_features  # type: ignore[attr-defined]
+    if jnp.ndim(features) < 1 or jnp.shape(features)[-1] != in_features:
+        name = type(head).__name__
+        raise ValueError(
+            f"{name}(in_features={in_features}, ...) needs features of shape "
+            f"[..., {in_features}]; got shape {jnp.shape(features)}. Build the head with "
+            f"{name}({jnp.shape(features)[-1] if jnp.ndim(features) else '...'}, "
+            "num_classes, rngs=...) for these features.")
+
+
 class NoisySoftmaxHead(nnx.Module):
     """A Flax NNX linear classifier head for the noisy softmax, bias-free by default.
 
-    Use it in place of the model's last ``nnx.Linear(in_features, num_classes)``.
-    It returns a :class:`~noisy_softmax_jax.HeadOutput` (clean logits, feature
-    and class-weight norms) so the loss gets the amplitude it needs. The
-    parameter is ``kernel``, an ``nnx.Param`` in ``nnx.Linear``'s layout
-    ``[in_features, num_classes]``; with the same kernel it returns what the
-    Linen :class:`noisy_softmax_jax.NoisySoftmaxHead` returns, bit for bit.
+    Use it in place of the model's last ``nnx.Linear(in_features, num_classes)``;
+    it takes ``nnx.Linear``'s arguments (``precision``, ``dot_general``,
+    ``promote_dtype``, ``preferred_element_type``, ``kernel_metadata``, and
+    ``kernel_init=nnx.with_partitioning(...)``) and has its parameters. It returns
+    a :class:`~noisy_softmax_jax.HeadOutput` (clean logits, feature and
+    class-weight norms) so the loss gets the amplitude it needs;
+    :class:`NoisySoftmaxLinear` returns logits instead (noisy in training), for a
+    training step that keeps Optax's loss. The parameter is ``kernel``, an
+    ``nnx.Param`` in ``nnx.Linear``'s layout ``[in_features, num_classes]``; with
+    the same kernel it returns what the Linen
+    :class:`noisy_softmax_jax.NoisySoftmaxHead` returns, bit for bit.
 
     The paper drops the classifier bias (see the Linen head); keep
-    ``use_bias=False`` unless you know why.
+    ``use_bias=False`` unless you know why. With a half-precision ``dtype`` the
+    matmul accumulates in float32 and the logits stay float32, and the norms are
+    those of the promoted arrays (see :func:`noisy_softmax_jax.head_output`).
 
     Args:
       in_features: Size of the feature vector.
       num_classes: Number of classes.
       use_bias: Whether to add a bias to the logits (not in the paper).
-      dtype: Computation dtype of the logits (default: inferred from inputs).
+      dtype: Computation dtype of the matmul (default: inferred from inputs).
       param_dtype: Dtype of the kernel.
-      kernel_init: Initializer of the kernel.
+      precision: The matmul's ``jax.lax.Precision``, as in ``nnx.Linear``.
+      kernel_init: Initializer of the kernel (``nnx.with_partitioning`` works).
       bias_init: Initializer of the bias.
+      dot_general: The matmul, as in ``nnx.Linear`` (default ``jax.lax.dot_general``).
+      promote_dtype: ``nnx.Linear``'s ``promote_dtype``: called as
+        ``promote_dtype((features, kernel, bias), dtype=dtype)``.
+      preferred_element_type: Dtype the matmul accumulates in and returns
+        (default: float32 for half-precision inputs, else their dtype).
+      kernel_metadata: Metadata of the kernel's ``nnx.Param``, as in
+        ``nnx.Linear`` (e.g. ``{"out_sharding": (None, "model")}``).
+      bias_metadata: Metadata of the bias's ``nnx.Param``.
       rngs: The ``nnx.Rngs`` the kernel is drawn from (its ``params`` stream).
 
     Examples:
@@ -70,21 +100,45 @@ class NoisySoftmaxHead(nnx.Module):
         use_bias: bool = False,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
-        kernel_init: Callable[..., jax.Array] = _default_kernel_init,
-        bias_init: Callable[..., jax.Array] = _default_bias_init,
+        precision: PrecisionLike = None,
+        kernel_init: Callable[..., Any] = _default_kernel_init,
+        bias_init: Callable[..., Any] = _default_bias_init,
+        dot_general: Callable[..., jax.Array] = jax.lax.dot_general,
+        promote_dtype: Callable[..., Any] = nnx.nn.dtypes.promote_dtype,
+        preferred_element_type: Any = None,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         rngs: nnx.Rngs,
     ):
+        self.kernel = nnx.Param(
+            kernel_init(rngs.params(), (in_features, num_classes), param_dtype),
+            **kernel_metadata)
+        self.bias: nnx.Param[jax.Array] | None
+        if use_bias:
+            self.bias = nnx.Param(bias_init(rngs.params(), (num_classes,), param_dtype),
+                                  **bias_metadata)
+        else:
+            self.bias = nnx.data(None)
         self.in_features = in_features
         self.num_classes = num_classes
         self.dtype = dtype
-        self.kernel = nnx.Param(
-            kernel_init(rngs.params(), (in_features, num_classes), param_dtype))
-        self.bias = (nnx.Param(bias_init(rngs.params(), (num_classes,), param_dtype))
-                     if use_bias else None)
+        self.precision = precision
+        self.dot_general = dot_general
+        self.promote_dtype = promote_dtype
+        self.preferred_element_type = preferred_element_type
+
+    def _head_output(self, features: jax.Array) -> HeadOutput:
+        """``nnx.Linear``'s promotion, then :func:`~noisy_softmax_jax.head.linear_head_output`."""
+        _check_in_features(self, features)
+        bias = self.bias[...] if self.bias is not None else None
+        features, kernel, bias = self.promote_dtype(
+            (features, self.kernel[...], bias), dtype=self.dtype)
+        return linear_head_output(features, kernel, bias, 1, precision=self.precision,
+                                  dot_general=self.dot_general,
+                                  preferred_element_type=self.preferred_element_type)
 
     def __call__(self, features: jax.Array) -> HeadOutput:
-        bias = self.bias[...] if self.bias is not None else None
-        return head_output(features, self.kernel[...], bias, dtype=self.dtype)
+        return self._head_output(features)
 
 
 class FusedNoisySoftmaxHead(nnx.Module):
