@@ -18,7 +18,8 @@ from flax import struct
 from flax.typing import PrecisionLike
 from jax.sharding import Mesh
 
-from noisy_softmax_jax.amplitude import KernelLayout, checked_kernel, safe_norm, target_amplitude
+from noisy_softmax_jax._validation import check_labels
+from noisy_softmax_jax.amplitude import KernelLayout, checked_kernel, safe_norm
 from noisy_softmax_jax.large_class import fused_noisy_softmax_cross_entropy
 from noisy_softmax_jax.large_class_top_k import fused_top_k
 
@@ -237,10 +238,13 @@ class FusedHeadOutput:
 
     Attributes:
       features: The head's input :math:`x`, shape ``[batch, num_features]``.
-      kernel: The class weights :math:`W`, shape ``[num_features, num_classes]``.
+      kernel: The class weights :math:`W`, shape ``[num_features, num_classes]``, as
+        stored (the parameter's dtype: it is cast to ``dtype`` block by block, never whole).
       chunk_size: Classes per block (``None``: the loss's default).
       mesh: Optional ``jax.sharding.Mesh`` whose ``class_axis`` splits the classes.
       class_axis: The mesh axis that splits the classes.
+      dtype: The matmul's dtype (``None``: the promoted dtype of ``features`` and
+        ``kernel``); see :func:`noisy_softmax_jax.fused_noisy_softmax_cross_entropy`.
     """
 
     features: jax.Array
@@ -248,6 +252,7 @@ class FusedHeadOutput:
     chunk_size: int | None = struct.field(pytree_node=False, default=None)
     mesh: Mesh | None = struct.field(pytree_node=False, default=None)
     class_axis: str | None = struct.field(pytree_node=False, default=None)
+    dtype: Any = struct.field(pytree_node=False, default=None)
 
     def loss(
         self,
@@ -273,7 +278,8 @@ class FusedHeadOutput:
         return fused_noisy_softmax_cross_entropy(
             self.features, self.kernel, labels, rng, alpha, noise=noise, sigma=sigma,
             where=where, shared_noise=shared_noise, negative=negative,
-            chunk_size=self.chunk_size, mesh=self.mesh, class_axis=self.class_axis)
+            chunk_size=self.chunk_size, mesh=self.mesh, class_axis=self.class_axis,
+            dtype=self.dtype)
 
     def top_k(self, k: int) -> tuple[jax.Array, jax.Array]:
         """The ``k`` largest clean logits and their classes, ``[batch, k]`` each, largest first.
@@ -281,11 +287,20 @@ class FusedHeadOutput:
         :func:`noisy_softmax_jax.fused_top_k`, for top-1 / top-k accuracy at evaluation.
         """
         return fused_top_k(self.features, self.kernel, k, chunk_size=self.chunk_size,
-                           mesh=self.mesh, class_axis=self.class_axis)
+                           mesh=self.mesh, class_axis=self.class_axis, dtype=self.dtype)
 
     def amplitude(self, labels: jax.typing.ArrayLike) -> jax.Array:
-        """Per-example :math:`\\|W_y\\|\\|x\\|`, shape ``[batch]``, from the labelled columns."""
-        return target_amplitude(self.features, self.kernel, labels)
+        """Per-example :math:`\\|W_y\\|\\|x\\|`, shape ``[batch]``, from the labelled columns.
+
+        The norms of the features and columns cast to ``dtype``, as the loss takes them.
+        """
+        features, kernel, _ = checked_kernel(self.features, self.kernel, "features_classes")
+        dtype = self.dtype if self.dtype is not None else jnp.result_type(features, kernel)
+        labels = check_labels(labels, jax.ShapeDtypeStruct(
+            (features.shape[0], kernel.shape[1]), dtype))
+        # The labelled columns only, then the cast: no cast copy of the whole kernel.
+        columns = kernel[:, labels].astype(dtype)
+        return safe_norm(features.astype(dtype), axis=-1) * safe_norm(columns, axis=0)
 
 
 class FusedNoisySoftmaxHead(nn.Module):
@@ -303,13 +318,23 @@ class FusedNoisySoftmaxHead(nn.Module):
     its ``top_k`` is :func:`noisy_softmax_jax.fused_top_k`. Bias-free, as in the paper.
     For Flax NNX use :class:`noisy_softmax_jax.nnx.FusedNoisySoftmaxHead`.
 
+    With ``mesh`` and ``class_axis`` the kernel can be created split over the classes: its
+    initializer returns an ``nn.Partitioned`` box with names ``(None, class_axis)``, as
+    ``nn.with_partitioning`` makes, so ``nn.get_partition_spec`` and
+    ``nn.get_sharding(abstract_variables, mesh)`` give its sharding and
+    ``jax.jit(model.init, out_shardings=...)`` creates each device's part only (and the
+    optimizer state alike, from ``nn.get_sharding`` of ``jax.eval_shape(tx.init, ...)``).
+    A ``kernel_init`` that already returns a box keeps its own partitioning. With
+    ``dtype=jnp.bfloat16`` the kernel stays in ``param_dtype`` and is cast block by
+    block inside the loss and top-k, so temporaries do not grow with the classes.
+
     Attributes:
       num_classes: Number of classes.
       chunk_size: Classes per block (default: about 2**21 / batch, a multiple of 128).
       mesh: Optional ``jax.sharding.Mesh`` to split the classes over; needs ``class_axis``.
       class_axis: The mesh axis that splits the classes.
-      dtype: Computation dtype (default: inferred from inputs); bfloat16 is
-        multiplied with float32 accumulation and the loss is float32.
+      dtype: The matmul's dtype (default: inferred from inputs); bfloat16 is multiplied
+        with float32 accumulation and the loss is float32.
       param_dtype: Dtype of the kernel.
       kernel_init: Initializer of the kernel.
 
@@ -327,6 +352,18 @@ class FusedNoisySoftmaxHead(nn.Module):
       >>> out = head.apply(params, features)  # inside a model: the output, then its loss
       >>> bool(jnp.allclose(out.loss(labels, jax.random.key(1), 0.1), loss))
       True
+
+      Split over the classes of a mesh, and created split (Flax's recipe):
+
+      >>> import flax.linen as nn
+      >>> mesh = jax.make_mesh((1,), ("classes",))  # (8,) on eight devices
+      >>> head = FusedNoisySoftmaxHead(1000, mesh=mesh, class_axis="classes")
+      >>> abstract = jax.eval_shape(head.init, jax.random.key(0), features)
+      >>> nn.get_partition_spec(abstract)
+      {'params': {'kernel': P(None, 'classes')}}
+      >>> init = jax.jit(head.init, out_shardings=nn.get_sharding(abstract, mesh))
+      >>> init(jax.random.key(0), features)["params"]["kernel"].value.sharding.spec
+      P(None, 'classes')
     """
 
     num_classes: int
@@ -337,13 +374,24 @@ class FusedNoisySoftmaxHead(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
 
+    def _partitioned_init(self, *args: Any) -> Any:
+        """``kernel_init``'s kernel in an ``nn.Partitioned`` box split along the classes."""
+        kernel = self.kernel_init(*args)
+        if isinstance(kernel, nn.meta.AxisMetadata):
+            return kernel  # partitioned by the user already
+        # Names only, no mesh: a box with a mesh constrains the kernel as it is unboxed, which
+        # Explicit mesh axes refuse, and the loss reshards its kernel to the split it needs.
+        return nn.Partitioned(kernel, names=(None, self.class_axis))
+
     @nn.compact
     def __call__(self, features: jax.Array) -> FusedHeadOutput:
+        init = self.kernel_init if self.mesh is None else self._partitioned_init
         kernel = self.param(
-            "kernel", self.kernel_init, (features.shape[-1], self.num_classes), self.param_dtype)
-        features, kernel = nn.dtypes.promote_dtype(features, kernel, dtype=self.dtype)
+            "kernel", init, (jnp.shape(features)[-1], self.num_classes), self.param_dtype)
+        # Only the features are promoted: the kernel is cast block by block inside the loss.
+        (features,) = nn.dtypes.promote_dtype(features, dtype=self.dtype)
         return FusedHeadOutput(features, kernel, chunk_size=self.chunk_size, mesh=self.mesh,
-                               class_axis=self.class_axis)
+                               class_axis=self.class_axis, dtype=self.dtype)
 
     def loss(self, features: jax.Array, labels: jax.typing.ArrayLike, rng: jax.Array,
              alpha: jax.typing.ArrayLike, **kwargs: Any) -> jax.Array:

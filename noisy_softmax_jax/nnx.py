@@ -150,8 +150,16 @@ class FusedNoisySoftmaxHead(nnx.Module):
     same ``nnx.Rngs`` hold the same kernel. Calling it returns a
     :class:`~noisy_softmax_jax.FusedHeadOutput`; :meth:`loss` is
     :func:`noisy_softmax_jax.fused_noisy_softmax_cross_entropy` and :meth:`top_k` is
-    :func:`noisy_softmax_jax.fused_top_k`, with the head's ``chunk_size``, ``mesh`` and
-    ``class_axis``.
+    :func:`noisy_softmax_jax.fused_top_k`, with the head's ``chunk_size``, ``mesh``,
+    ``class_axis`` and ``dtype``.
+
+    With ``mesh`` and ``class_axis`` the kernel's ``nnx.Param`` carries the sharding
+    metadata ``out_sharding=(None, class_axis)`` and the ``mesh``, so Flax shards it as it
+    is created (eagerly: the whole kernel exists once, then is split; under ``nnx.jit``
+    each device creates only its part), ``nnx.get_partition_spec`` gives its sharding, and
+    ``nnx.Optimizer``'s state is split alike. A ``kernel_init`` wrapped in
+    ``nnx.with_partitioning`` keeps its own metadata. With ``dtype=jnp.bfloat16`` the
+    kernel stays in ``param_dtype`` and is cast block by block inside the loss and top-k.
 
     Args:
       in_features: Size of the feature vector.
@@ -159,7 +167,7 @@ class FusedNoisySoftmaxHead(nnx.Module):
       chunk_size: Classes per block (default: about 2**21 / batch, a multiple of 128).
       mesh: Optional ``jax.sharding.Mesh`` to split the classes over; needs ``class_axis``.
       class_axis: The mesh axis that splits the classes.
-      dtype: Computation dtype (default: inferred from inputs).
+      dtype: The matmul's dtype (default: inferred from inputs).
       param_dtype: Dtype of the kernel.
       kernel_init: Initializer of the kernel.
       rngs: The ``nnx.Rngs`` the kernel is drawn from (its ``params`` stream).
@@ -175,6 +183,14 @@ class FusedNoisySoftmaxHead(nnx.Module):
       >>> values, classes = head.top_k(features, 5)
       >>> loss.shape, grads["kernel"].shape, classes.shape
       ((), (32, 1000), (4, 5))
+
+      Split over the classes of a mesh, the kernel and the optimizer state alike:
+
+      >>> mesh = jax.make_mesh((1,), ("classes",))  # (8,) on eight devices
+      >>> head = FusedNoisySoftmaxHead(32, 1000, mesh=mesh, class_axis="classes",
+      ...                              rngs=nnx.Rngs(0))
+      >>> head.kernel[...].sharding.spec
+      P(None, 'classes')
     """
 
     def __init__(
@@ -196,14 +212,18 @@ class FusedNoisySoftmaxHead(nnx.Module):
         self.mesh = mesh
         self.class_axis = class_axis
         self.dtype = dtype
+        # The metadata of a kernel_init made by nnx.with_partitioning takes precedence.
+        sharding: dict[str, Any] = ({} if mesh is None or class_axis is None
+                                    else {"out_sharding": (None, class_axis), "mesh": mesh})
         self.kernel = nnx.Param(
-            kernel_init(rngs.params(), (in_features, num_classes), param_dtype))
+            kernel_init(rngs.params(), (in_features, num_classes), param_dtype), **sharding)
 
     def __call__(self, features: jax.Array) -> FusedHeadOutput:
-        features, kernel = nnx.nn.dtypes.promote_dtype(
-            (features, self.kernel[...]), dtype=self.dtype)
-        return FusedHeadOutput(features, kernel, chunk_size=self.chunk_size, mesh=self.mesh,
-                               class_axis=self.class_axis)
+        _check_in_features(self, features)
+        # Only the features are promoted: the kernel is cast block by block inside the loss.
+        (features,) = nnx.nn.dtypes.promote_dtype((features,), dtype=self.dtype)
+        return FusedHeadOutput(features, self.kernel[...], chunk_size=self.chunk_size,
+                               mesh=self.mesh, class_axis=self.class_axis, dtype=self.dtype)
 
     def loss(self, features: jax.Array, labels: jax.typing.ArrayLike, rng: jax.Array,
              alpha: jax.typing.ArrayLike, **kwargs: Any) -> jax.Array:
