@@ -7,6 +7,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from noisy_softmax_jax.amplitude import KERNEL_LAYOUTS, safe_norm, target_amplitude
+from noisy_softmax_jax.dense import NoisySoftmaxDense
 from noisy_softmax_jax.diagnostics import saturation_metrics, top_class_fraction
 from noisy_softmax_jax.head import (
     FusedHeadOutput,
@@ -40,6 +41,7 @@ __all__ = [
     "FusedHeadOutput",
     "FusedNoisySoftmaxHead",
     "HeadOutput",
+    "NoisySoftmaxDense",
     "NoisySoftmaxHead",
     "alpha_schedule",
     "checked_fused_noisy_softmax_cross_entropy",

@@ -141,7 +141,41 @@ def head_output(
     return linear_head_output(x, kernel_c, bias_c, class_axis, precision=precision)
 
 
-class NoisySoftmaxHead(nn.Module):
+class LinenLinearHead(nn.Module):
+    """The parameters and options :class:`NoisySoftmaxHead` and ``NoisySoftmaxDense`` share.
+
+    ``nn.Dense``'s attributes (see :class:`NoisySoftmaxHead`) and its parameters, made by
+    :meth:`_head_output` from inside the subclass's compact ``__call__``.
+    """
+
+    num_classes: int
+    use_bias: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
+    bias_init: Callable[..., Any] = nn.initializers.zeros_init()
+    precision: PrecisionLike = None
+    promote_dtype: Callable[..., Any] = nn.dtypes.promote_dtype
+    dot_general: Callable[..., jax.Array] | None = None
+    dot_general_cls: Any = None
+    preferred_element_type: Any = None
+
+    def _head_output(self, features: jax.Array) -> HeadOutput:
+        """``nn.Dense``'s parameters and promotion, then :func:`linear_head_output`."""
+        kernel = self.param(
+            "kernel", self.kernel_init, (jnp.shape(features)[-1], self.num_classes),
+            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.num_classes,), self.param_dtype)
+                if self.use_bias else None)
+        features, kernel, bias = self.promote_dtype(features, kernel, bias, dtype=self.dtype)
+        dot_general = (self.dot_general_cls() if self.dot_general_cls is not None
+                       else self.dot_general)
+        return linear_head_output(features, kernel, bias, 1, precision=self.precision,
+                                  dot_general=dot_general,
+                                  preferred_element_type=self.preferred_element_type)
+
+
+class NoisySoftmaxHead(LinenLinearHead):
     """A Flax Linen linear classifier head for the noisy softmax, bias-free by default.
 
     Use it in place of the model's last ``nn.Dense(num_classes)``; it takes
@@ -195,32 +229,6 @@ class NoisySoftmaxHead(nn.Module):
       >>> out.logits.shape, loss.shape
       ((4, 10), (4,))
     """
-
-    num_classes: int
-    use_bias: bool = False
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
-    bias_init: Callable[..., Any] = nn.initializers.zeros_init()
-    precision: PrecisionLike = None
-    promote_dtype: Callable[..., Any] = nn.dtypes.promote_dtype
-    dot_general: Callable[..., jax.Array] | None = None
-    dot_general_cls: Any = None
-    preferred_element_type: Any = None
-
-    def _head_output(self, features: jax.Array) -> HeadOutput:
-        """``nn.Dense``'s parameters and promotion, then :func:`linear_head_output`."""
-        kernel = self.param(
-            "kernel", self.kernel_init, (jnp.shape(features)[-1], self.num_classes),
-            self.param_dtype)
-        bias = (self.param("bias", self.bias_init, (self.num_classes,), self.param_dtype)
-                if self.use_bias else None)
-        features, kernel, bias = self.promote_dtype(features, kernel, bias, dtype=self.dtype)
-        dot_general = (self.dot_general_cls() if self.dot_general_cls is not None
-                       else self.dot_general)
-        return linear_head_output(features, kernel, bias, 1, precision=self.precision,
-                                  dot_general=dot_general,
-                                  preferred_element_type=self.preferred_element_type)
 
     @nn.compact
     def __call__(self, features: jax.Array) -> HeadOutput:

@@ -1,9 +1,11 @@
 """The noisy softmax's classifier heads for Flax NNX.
 
 Import them as ``from noisy_softmax_jax.nnx import NoisySoftmaxHead`` (and
-``FusedNoisySoftmaxHead``, for very many classes); the Flax Linen heads of the
-same names are :class:`noisy_softmax_jax.NoisySoftmaxHead` and
-:class:`noisy_softmax_jax.FusedNoisySoftmaxHead`.
+``NoisySoftmaxLinear``, which returns logits, noisy in training, and
+``FusedNoisySoftmaxHead``, for very many classes), or reach them as
+``noisy_softmax_jax.nnx``. The Flax Linen heads are
+:class:`noisy_softmax_jax.NoisySoftmaxHead`, :class:`noisy_softmax_jax.NoisySoftmaxDense`
+and :class:`noisy_softmax_jax.FusedNoisySoftmaxHead`.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from flax import nnx
 from flax.typing import PrecisionLike
 from jax.sharding import Mesh
 
+from noisy_softmax_jax.dense import is_concrete_zero, noisy_head_logits
 from noisy_softmax_jax.head import FusedHeadOutput, HeadOutput, linear_head_output
 
-__all__ = ["FusedHeadOutput", "FusedNoisySoftmaxHead", "HeadOutput", "NoisySoftmaxHead"]
+__all__ = ["FusedHeadOutput", "FusedNoisySoftmaxHead", "HeadOutput", "NoisySoftmaxHead",
+           "NoisySoftmaxLinear"]
 
 # nnx.Linear's defaults.
 _default_kernel_init = nnx.initializers.lecun_normal()
@@ -39,7 +43,59 @@ def _check_in_features(head: nnx.Module, features: jax.Array) -> None:
             "num_classes, rngs=...) for these features.")
 
 
-class NoisySoftmaxHead(nnx.Module):
+class NNXLinearHead(nnx.Module):
+    """The parameters and options of :class:`NoisySoftmaxHead` and :class:`NoisySoftmaxLinear`.
+
+    ``nnx.Linear``'s arguments (see :class:`NoisySoftmaxHead`) and its parameters;
+    :meth:`_head_output` computes the logits and norms.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        use_bias: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: PrecisionLike = None,
+        kernel_init: Callable[..., Any] = _default_kernel_init,
+        bias_init: Callable[..., Any] = _default_bias_init,
+        dot_general: Callable[..., jax.Array] = jax.lax.dot_general,
+        promote_dtype: Callable[..., Any] = nnx.nn.dtypes.promote_dtype,
+        preferred_element_type: Any = None,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        rngs: nnx.Rngs,
+    ):
+        self.kernel = nnx.Param(
+            kernel_init(rngs.params(), (in_features, num_classes), param_dtype),
+            **kernel_metadata)
+        self.bias: nnx.Param[jax.Array] | None
+        if use_bias:
+            self.bias = nnx.Param(bias_init(rngs.params(), (num_classes,), param_dtype),
+                                  **bias_metadata)
+        else:
+            self.bias = nnx.data(None)
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.dtype = dtype
+        self.precision = precision
+        self.dot_general = dot_general
+        self.promote_dtype = promote_dtype
+        self.preferred_element_type = preferred_element_type
+
+    def _head_output(self, features: jax.Array) -> HeadOutput:
+        """``nnx.Linear``'s promotion, then :func:`~noisy_softmax_jax.head.linear_head_output`."""
+        _check_in_features(self, features)
+        bias = self.bias[...] if self.bias is not None else None
+        features, kernel, bias = self.promote_dtype(
+            (features, self.kernel[...], bias), dtype=self.dtype)
+        return linear_head_output(features, kernel, bias, 1, precision=self.precision,
+                                  dot_general=self.dot_general,
+                                  preferred_element_type=self.preferred_element_type)
+
+class NoisySoftmaxHead(NNXLinearHead):
     """A Flax NNX linear classifier head for the noisy softmax, bias-free by default.
 
     Use it in place of the model's last ``nnx.Linear(in_features, num_classes)``;
@@ -92,53 +148,145 @@ class NoisySoftmaxHead(nnx.Module):
       ((4, 10), (4,))
     """
 
+    def __call__(self, features: jax.Array) -> HeadOutput:
+        return self._head_output(features)
+
+
+class NoisySoftmaxLinear(NNXLinearHead):
+    r"""A Flax NNX classifier head returning logits, noisy in training: a drop-in ``nnx.Linear``.
+
+    The NNX twin of the Linen :class:`noisy_softmax_jax.NoisySoftmaxDense`. Replace the
+    model's last ``nnx.Linear(in_features, num_classes, rngs=rngs)`` with
+    ``NoisySoftmaxLinear(in_features, num_classes, alpha=0.1, rngs=rngs)`` and pass the
+    labels through the model to it: ``optax.softmax_cross_entropy_with_integer_labels``
+    of its output is then the noisy softmax loss (the value and gradients of
+    :func:`noisy_softmax_jax.noisy_softmax_cross_entropy` with the head's amplitude, for
+    the same key), and the metrics and ``argmax`` stay as they are. It returns the clean
+    logits when ``labels`` is None or the head is deterministic (``model.eval()``, which
+    sets ``deterministic=True`` as for ``nnx.Dropout``; ``model.train()`` clears it), with
+    no key drawn; otherwise the logits with the target entry lowered by the noise
+    (:func:`noisy_softmax_jax.noisy_logits`), float32 for half-precision inputs.
+
+    The noise comes, as ``nnx.Dropout``'s does, from a fork of the constructor's
+    ``rngs[rng_collection]`` stream (``rngs.noise``, or ``rngs.default`` when the ``Rngs``
+    has no ``noise`` stream), or from the call's ``rngs`` (an ``nnx.Rngs``, an
+    ``nnx.RngStream`` or a key), which takes precedence. Its parameters are
+    :class:`NoisySoftmaxHead`'s and ``nnx.Linear``'s: the same ``kernel`` (and ``bias``)
+    from the same ``rngs``, drawn before the fork.
+
+    Args:
+      in_features: Size of the feature vector.
+      num_classes: Number of classes.
+      alpha: Noise scale (about 0.1 in the paper); a call's ``alpha`` overrides it, for a
+        schedule. ``alpha = 0`` as a Python number gives the clean logits, no key drawn.
+      noise: ``"annealed"`` (the paper's method), ``"amplitude"`` or ``"free"``.
+      sigma: Standard deviation of :math:`\xi`.
+      shared_noise: One :math:`\xi` for the whole batch (the first author's Caffe code).
+      negative: Raise the target logit instead (the paper's ablation).
+      deterministic: If True, the clean logits; ``model.eval()`` / ``model.train()`` set
+        it, and a call's ``deterministic`` overrides it.
+      rng_collection: The stream of ``rngs`` the noise is drawn from (default ``"noise"``).
+      rngs: The ``nnx.Rngs`` the parameters are drawn from (``params``) and the noise
+        stream is forked from.
+      **options: :class:`NoisySoftmaxHead`'s other arguments (``nnx.Linear``'s:
+        ``use_bias``, ``dtype``, ``param_dtype``, ``precision``, ``kernel_init``,
+        ``bias_init``, ``dot_general``, ``promote_dtype``, ``preferred_element_type``,
+        ``kernel_metadata``, ``bias_metadata``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from flax import nnx
+      >>> from noisy_softmax_jax.nnx import NoisySoftmaxLinear
+      >>> head = NoisySoftmaxLinear(32, 10, alpha=0.1, rngs=nnx.Rngs(0))  # was: nnx.Linear
+      >>> features, labels = jnp.ones((4, 32)), jnp.array([0, 1, 2, 3])
+      >>> logits = head(features, labels)  # training: the noisy logits
+      >>> loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      >>> head.eval()  # evaluation: the clean logits, labels or not
+      >>> clean = head(features, labels)
+      >>> bool(jnp.all((logits == clean) == (jnp.arange(10) != labels[:, None])))
+      True
+    """
+
     def __init__(
         self,
         in_features: int,
         num_classes: int,
         *,
-        use_bias: bool = False,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        precision: PrecisionLike = None,
-        kernel_init: Callable[..., Any] = _default_kernel_init,
-        bias_init: Callable[..., Any] = _default_bias_init,
-        dot_general: Callable[..., jax.Array] = jax.lax.dot_general,
-        promote_dtype: Callable[..., Any] = nnx.nn.dtypes.promote_dtype,
-        preferred_element_type: Any = None,
-        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
-        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        alpha: Any = None,
+        noise: str = "annealed",
+        sigma: Any = 1.0,
+        shared_noise: bool = False,
+        negative: bool = False,
+        deterministic: bool = False,
+        rng_collection: str = "noise",
         rngs: nnx.Rngs,
+        **options: Any,
     ):
-        self.kernel = nnx.Param(
-            kernel_init(rngs.params(), (in_features, num_classes), param_dtype),
-            **kernel_metadata)
-        self.bias: nnx.Param[jax.Array] | None
-        if use_bias:
-            self.bias = nnx.Param(bias_init(rngs.params(), (num_classes,), param_dtype),
-                                  **bias_metadata)
+        super().__init__(in_features, num_classes, rngs=rngs, **options)
+        self.alpha = alpha
+        self.noise = noise
+        self.sigma = sigma
+        self.shared_noise = shared_noise
+        self.negative = negative
+        self.deterministic = deterministic
+        self.rng_collection = rng_collection
+        try:
+            self.rngs = rngs[rng_collection].fork()
+        except KeyError:  # an Rngs with neither this stream nor a default one
+            self.rngs = nnx.data(None)
+
+    def __call__(
+        self,
+        features: jax.Array,
+        labels: jax.typing.ArrayLike | None = None,
+        *,
+        alpha: jax.typing.ArrayLike | None = None,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+    ) -> jax.Array:
+        """The logits of ``features``, noisy when given ``labels`` and not deterministic.
+
+        Args:
+          features: The head's input, shape ``[..., in_features]``.
+          labels: Integer labels, shape ``[...]``; None for the clean logits.
+          alpha: Overrides the constructor's ``alpha`` (a traced schedule value works).
+          deterministic: Overrides the attribute ``deterministic``.
+          rngs: An ``nnx.Rngs``, ``nnx.RngStream`` or key to draw the noise from instead of
+            the head's own stream, as in ``nnx.Dropout``.
+
+        Returns:
+          Logits, shape ``[..., num_classes]``.
+        """
+        out = self._head_output(features)
+        deterministic = deterministic if deterministic is not None else self.deterministic
+        if labels is None or deterministic:
+            return out.logits
+        alpha = alpha if alpha is not None else self.alpha
+        name = type(self).__name__
+        if alpha is None:
+            raise ValueError(
+                f"{name} needs `alpha` to add the noise to the logits: "
+                f"`{name}(in_features, num_classes, alpha=0.1, rngs=rngs)`, or "
+                "`head(features, labels, alpha=alpha)` at each call. Without `labels`, or "
+                "after `model.eval()`, it returns the clean logits.")
+        if is_concrete_zero(alpha):
+            return out.logits
+        source = rngs if rngs is not None else self.rngs
+        if isinstance(source, nnx.Rngs):
+            key = source[self.rng_collection]()
+        elif isinstance(source, nnx.RngStream):
+            key = source()
+        elif isinstance(source, jax.Array):
+            key = source
         else:
-            self.bias = nnx.data(None)
-        self.in_features = in_features
-        self.num_classes = num_classes
-        self.dtype = dtype
-        self.precision = precision
-        self.dot_general = dot_general
-        self.promote_dtype = promote_dtype
-        self.preferred_element_type = preferred_element_type
-
-    def _head_output(self, features: jax.Array) -> HeadOutput:
-        """``nnx.Linear``'s promotion, then :func:`~noisy_softmax_jax.head.linear_head_output`."""
-        _check_in_features(self, features)
-        bias = self.bias[...] if self.bias is not None else None
-        features, kernel, bias = self.promote_dtype(
-            (features, self.kernel[...], bias), dtype=self.dtype)
-        return linear_head_output(features, kernel, bias, 1, precision=self.precision,
-                                  dot_general=self.dot_general,
-                                  preferred_element_type=self.preferred_element_type)
-
-    def __call__(self, features: jax.Array) -> HeadOutput:
-        return self._head_output(features)
+            raise ValueError(
+                f"{name} has no {self.rng_collection!r} stream to draw its noise from: build "
+                f"it with `rngs=nnx.Rngs(0)` (or `nnx.Rngs(params=0, "
+                f"{self.rng_collection}=1)`), or pass `rngs=` (an nnx.Rngs, RngStream or "
+                "key) to the call. For the clean logits pass no `labels`, or call "
+                "`model.eval()`.")
+        return noisy_head_logits(out, labels, key, alpha, noise=self.noise, sigma=self.sigma,
+                                 shared_noise=self.shared_noise, negative=self.negative)
 
 
 class FusedNoisySoftmaxHead(nnx.Module):
