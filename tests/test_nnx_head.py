@@ -165,3 +165,14 @@ def test_nnx_heads_are_an_attribute_of_the_package_loaded_on_first_use():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120, cwd=pathlib.Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
+
+
+def test_missing_amplitude_error_shows_the_nnx_form_beside_the_linen_one():
+    # The loss cannot know which API made the logits, so it names both.
+    with pytest.raises(ValueError) as error:
+        nsj.noisy_softmax_cross_entropy(jnp.zeros((2, 3)), jnp.array([0, 1]),
+                                        jax.random.key(0), 0.1)
+    message = str(error.value)
+    assert "noisy_softmax_jax.nnx.NoisySoftmaxHead(in_features, num_classes, rngs=rngs)" in message
+    assert "NoisySoftmaxHead(num_classes).apply(variables, features)" in message
+    assert "nnx.NoisySoftmaxLinear" in message and "NoisySoftmaxDense" in message
