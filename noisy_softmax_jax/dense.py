@@ -10,6 +10,7 @@ The Flax NNX twin is :class:`noisy_softmax_jax.nnx.NoisySoftmaxLinear`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -18,34 +19,40 @@ import jax
 from noisy_softmax_jax.head import HeadOutput, LinenLinearHead
 from noisy_softmax_jax.loss import noisy_logits
 
-__all__ = ["NoisySoftmaxDense", "noisy_head_logits"]
+__all__ = ["NoisySoftmaxDense", "head_logits"]
 
 
-def noisy_head_logits(
+def head_logits(
     out: HeadOutput,
-    labels: jax.typing.ArrayLike,
-    rng: jax.Array,
-    alpha: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike | None,
+    alpha: jax.typing.ArrayLike | None,
     *,
+    deterministic: bool,
+    draw_key: Callable[[], jax.Array],
+    missing_alpha: str,
     noise: str,
     sigma: jax.typing.ArrayLike,
     shared_noise: bool,
     negative: bool,
 ) -> jax.Array:
-    """The head's logits with the target perturbed: :func:`noisy_softmax_jax.noisy_logits`.
+    """What the logits-returning heads of both APIs return: clean, or noisy in training.
 
-    With the head's own amplitude, so Optax's cross-entropy of the result is
-    ``noisy_softmax_cross_entropy(out.logits, labels, rng, alpha,
-    amplitude=out.amplitude(labels), ...)`` for the same key.
+    The clean logits without ``labels``, when ``deterministic``, or at ``alpha = 0`` as a
+    Python number, with no key drawn; otherwise :func:`noisy_softmax_jax.noisy_logits` with
+    the head's own amplitude and the key ``draw_key()`` gives, so that Optax's
+    cross-entropy of the result is ``noisy_softmax_cross_entropy(out.logits, labels, key,
+    alpha, amplitude=out.amplitude(labels), ...)``. ``missing_alpha`` is the error, in the
+    caller's API's form, for a noise without ``alpha``.
     """
+    if labels is None or deterministic:
+        return out.logits
+    if alpha is None:
+        raise ValueError(missing_alpha)
+    if isinstance(alpha, int | float) and not isinstance(alpha, bool) and alpha == 0:
+        return out.logits
     amplitude = None if noise == "free" else out.amplitude(labels)
-    return noisy_logits(out.logits, labels, rng, alpha, amplitude=amplitude, noise=noise,
-                        sigma=sigma, shared_noise=shared_noise, negative=negative)
-
-
-def is_concrete_zero(alpha: Any) -> bool:
-    """A Python number 0: no noise to draw, so no key is needed."""
-    return isinstance(alpha, int | float) and not isinstance(alpha, bool) and alpha == 0
+    return noisy_logits(out.logits, labels, draw_key(), alpha, amplitude=amplitude,
+                        noise=noise, sigma=sigma, shared_noise=shared_noise, negative=negative)
 
 
 class NoisySoftmaxDense(LinenLinearHead):
@@ -136,28 +143,28 @@ class NoisySoftmaxDense(LinenLinearHead):
         Returns:
           Logits, shape ``[..., num_classes]``.
         """
-        out = self._head_output(features)
-        deterministic = next(
-            (d for d in (deterministic, self.deterministic) if d is not None), False)
-        if labels is None or deterministic:
-            return out.logits
-        alpha = alpha if alpha is not None else self.alpha
-        if alpha is None:
-            raise ValueError(
-                f"{type(self).__name__} needs `alpha` to add the noise to the logits: "
-                f"`{type(self).__name__}(num_classes, alpha=0.1)`, or "
-                "`head(features, labels, alpha=alpha)` at each call. Without `labels`, or "
-                "with `deterministic=True`, it returns the clean logits.")
-        if is_concrete_zero(alpha):
-            return out.logits
-        if rng is None:
+        name = type(self).__name__
+
+        def draw_key() -> jax.Array:
+            if rng is not None:
+                return rng
             if not self.has_rng(self.rng_collection):
                 raise ValueError(
-                    f"{type(self).__name__} draws its noise from the {self.rng_collection!r} "
-                    f"RNG stream: pass `rngs={{{self.rng_collection!r}: key}}` to "
-                    "`model.apply` (a new key each step, e.g. `jax.random.fold_in(key, "
-                    "step)`), or `rng=key` to the call. For the clean logits pass no "
-                    "`labels`, or `deterministic=True`.")
-            rng = self.make_rng(self.rng_collection)
-        return noisy_head_logits(out, labels, rng, alpha, noise=self.noise, sigma=self.sigma,
-                                 shared_noise=self.shared_noise, negative=self.negative)
+                    f"{name} draws its noise from the {self.rng_collection!r} RNG stream: pass "
+                    f"`rngs={{{self.rng_collection!r}: key}}` to `model.apply` (a new key "
+                    "each step, e.g. `jax.random.fold_in(key, step)`), or `rng=key` to the "
+                    "call. For the clean logits pass no `labels`, or `deterministic=True`.")
+            return self.make_rng(self.rng_collection)
+
+        return head_logits(
+            self._head_output(features), labels, alpha if alpha is not None else self.alpha,
+            deterministic=next(
+                (d for d in (deterministic, self.deterministic) if d is not None), False),
+            draw_key=draw_key,
+            missing_alpha=(
+                f"{name} needs `alpha` to add the noise to the logits: "
+                f"`{name}(num_classes, alpha=0.1)`, or `head(features, labels, alpha=alpha)` "
+                "at each call. Without `labels`, or with `deterministic=True`, it returns the "
+                "clean logits."),
+            noise=self.noise, sigma=self.sigma, shared_noise=self.shared_noise,
+            negative=self.negative)

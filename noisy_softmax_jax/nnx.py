@@ -20,7 +20,7 @@ from flax import nnx
 from flax.typing import PrecisionLike
 from jax.sharding import Mesh
 
-from noisy_softmax_jax.dense import is_concrete_zero, noisy_head_logits
+from noisy_softmax_jax.dense import head_logits
 from noisy_softmax_jax.head import FusedHeadOutput, HeadOutput, linear_head_output
 
 __all__ = ["FusedHeadOutput", "FusedNoisySoftmaxHead", "HeadOutput", "NoisySoftmaxHead",
@@ -257,36 +257,34 @@ class NoisySoftmaxLinear(NNXLinearHead):
         Returns:
           Logits, shape ``[..., num_classes]``.
         """
-        out = self._head_output(features)
-        deterministic = deterministic if deterministic is not None else self.deterministic
-        if labels is None or deterministic:
-            return out.logits
-        alpha = alpha if alpha is not None else self.alpha
         name = type(self).__name__
-        if alpha is None:
-            raise ValueError(
-                f"{name} needs `alpha` to add the noise to the logits: "
-                f"`{name}(in_features, num_classes, alpha=0.1, rngs=rngs)`, or "
-                "`head(features, labels, alpha=alpha)` at each call. Without `labels`, or "
-                "after `model.eval()`, it returns the clean logits.")
-        if is_concrete_zero(alpha):
-            return out.logits
-        source = rngs if rngs is not None else self.rngs
-        if isinstance(source, nnx.Rngs):
-            key = source[self.rng_collection]()
-        elif isinstance(source, nnx.RngStream):
-            key = source()
-        elif isinstance(source, jax.Array):
-            key = source
-        else:
+
+        def draw_key() -> jax.Array:
+            source = rngs if rngs is not None else self.rngs
+            if isinstance(source, nnx.Rngs):
+                return source[self.rng_collection]()
+            if isinstance(source, nnx.RngStream):
+                return source()
+            if isinstance(source, jax.Array):
+                return source
             raise ValueError(
                 f"{name} has no {self.rng_collection!r} stream to draw its noise from: build "
                 f"it with `rngs=nnx.Rngs(0)` (or `nnx.Rngs(params=0, "
                 f"{self.rng_collection}=1)`), or pass `rngs=` (an nnx.Rngs, RngStream or "
                 "key) to the call. For the clean logits pass no `labels`, or call "
                 "`model.eval()`.")
-        return noisy_head_logits(out, labels, key, alpha, noise=self.noise, sigma=self.sigma,
-                                 shared_noise=self.shared_noise, negative=self.negative)
+
+        return head_logits(
+            self._head_output(features), labels, alpha if alpha is not None else self.alpha,
+            deterministic=deterministic if deterministic is not None else self.deterministic,
+            draw_key=draw_key,
+            missing_alpha=(
+                f"{name} needs `alpha` to add the noise to the logits: "
+                f"`{name}(in_features, num_classes, alpha=0.1, rngs=rngs)`, or "
+                "`head(features, labels, alpha=alpha)` at each call. Without `labels`, or "
+                "after `model.eval()`, it returns the clean logits."),
+            noise=self.noise, sigma=self.sigma, shared_noise=self.shared_noise,
+            negative=self.negative)
 
 
 class FusedNoisySoftmaxHead(nnx.Module):
