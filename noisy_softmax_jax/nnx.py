@@ -300,10 +300,10 @@ class FusedNoisySoftmaxHead(nnx.Module):
     ``class_axis`` and ``dtype``.
 
     With ``mesh`` and ``class_axis`` the kernel's ``nnx.Param`` carries the sharding
-    metadata ``out_sharding=(None, class_axis)`` and the ``mesh``, so Flax shards it as it
-    is created (eagerly: the whole kernel exists once, then is split; under ``nnx.jit``
-    each device creates only its part), ``nnx.get_partition_spec`` gives its sharding, and
-    ``nnx.Optimizer``'s state is split alike. A ``kernel_init`` wrapped in
+    metadata ``nnx.with_partitioning`` gives it for ``(None, class_axis)`` and the ``mesh``,
+    so Flax shards it as it is created (eagerly: the whole kernel exists once, then is
+    split; under ``nnx.jit`` each device creates only its part), ``nnx.get_partition_spec``
+    gives its sharding, and ``nnx.Optimizer``'s state is split alike. A ``kernel_init`` wrapped in
     ``nnx.with_partitioning`` keeps its own metadata. With ``dtype=jnp.bfloat16`` the
     kernel stays in ``param_dtype`` and is cast block by block inside the loss and top-k.
 
@@ -335,8 +335,8 @@ class FusedNoisySoftmaxHead(nnx.Module):
       >>> mesh = jax.make_mesh((1,), ("classes",))  # (8,) on eight devices
       >>> head = FusedNoisySoftmaxHead(32, 1000, mesh=mesh, class_axis="classes",
       ...                              rngs=nnx.Rngs(0))
-      >>> head.kernel[...].sharding.spec
-      P(None, 'classes')
+      >>> head.kernel[...].sharding.spec == jax.P(None, "classes")
+      True
     """
 
     def __init__(
@@ -358,11 +358,14 @@ class FusedNoisySoftmaxHead(nnx.Module):
         self.mesh = mesh
         self.class_axis = class_axis
         self.dtype = dtype
-        # The metadata of a kernel_init made by nnx.with_partitioning takes precedence.
-        sharding: dict[str, Any] = ({} if mesh is None or class_axis is None
-                                    else {"out_sharding": (None, class_axis), "mesh": mesh})
-        self.kernel = nnx.Param(
-            kernel_init(rngs.params(), (in_features, num_classes), param_dtype), **sharding)
+        kernel = kernel_init(rngs.params(), (in_features, num_classes), param_dtype)
+        # A kernel_init made by nnx.with_partitioning keeps its own metadata. Ours comes from
+        # nnx.with_partitioning too, which names it as the installed Flax does
+        # (`sharding_names` before 0.12.3 or so, `out_sharding` after).
+        if mesh is not None and class_axis is not None and not isinstance(
+                kernel, nnx.VariableMetadata):
+            kernel = nnx.with_partitioning(lambda: kernel, (None, class_axis), mesh=mesh)()
+        self.kernel = nnx.Param(kernel)
 
     def __call__(self, features: jax.Array) -> FusedHeadOutput:
         _check_in_features(self, features)
