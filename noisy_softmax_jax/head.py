@@ -364,7 +364,8 @@ class FusedNoisySoftmaxHead(nn.Module):
       Split over the classes of a mesh, and created split (Flax's recipe):
 
       >>> import flax.linen as nn
-      >>> mesh = jax.make_mesh((1,), ("classes",))  # (8,) on eight devices
+      >>> mesh = jax.make_mesh((1,), ("classes",),  # (8,) on eight devices
+      ...                      axis_types=(jax.sharding.AxisType.Explicit,))
       >>> head = FusedNoisySoftmaxHead(1000, mesh=mesh, class_axis="classes")
       >>> abstract = jax.eval_shape(head.init, jax.random.key(0), features)
       >>> nn.get_partition_spec(abstract)["params"]["kernel"] == jax.P(None, "classes")

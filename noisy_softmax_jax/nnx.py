@@ -332,7 +332,8 @@ class FusedNoisySoftmaxHead(nnx.Module):
 
       Split over the classes of a mesh, the kernel and the optimizer state alike:
 
-      >>> mesh = jax.make_mesh((1,), ("classes",))  # (8,) on eight devices
+      >>> mesh = jax.make_mesh((1,), ("classes",),  # (8,) on eight devices
+      ...                      axis_types=(jax.sharding.AxisType.Explicit,))
       >>> head = FusedNoisySoftmaxHead(32, 1000, mesh=mesh, class_axis="classes",
       ...                              rngs=nnx.Rngs(0))
       >>> head.kernel[...].sharding.spec == jax.P(None, "classes")
