@@ -332,7 +332,8 @@ class FusedNoisySoftmaxHead(nn.Module):
     ``nn.get_sharding(abstract_variables, mesh)`` give its sharding and
     ``jax.jit(model.init, out_shardings=...)`` creates each device's part only (and the
     optimizer state alike, from ``nn.get_sharding`` of ``jax.eval_shape(tx.init, ...)``).
-    A ``kernel_init`` that already returns a box keeps its own partitioning. With
+    A ``kernel_init`` that already returns a box keeps its own partitioning. The box is
+    the only difference from the unsharded head's parameters (``nn.unbox`` removes it). With
     ``dtype=jnp.bfloat16`` the kernel stays in ``param_dtype`` and is cast block by
     block inside the loss and top-k, so temporaries do not grow with the classes.
 
