@@ -1,6 +1,13 @@
 """Noisy Softmax (Chen, Deng & Du, CVPR 2017) for JAX: the loss, a Flax head, diagnostics."""
 
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING
+
 from noisy_softmax_jax.amplitude import KERNEL_LAYOUTS, safe_norm, target_amplitude
+from noisy_softmax_jax.dense import NoisySoftmaxDense
 from noisy_softmax_jax.diagnostics import saturation_metrics, top_class_fraction
 from noisy_softmax_jax.head import (
     FusedHeadOutput,
@@ -23,6 +30,9 @@ from noisy_softmax_jax.loss import (
 )
 from noisy_softmax_jax.schedules import alpha_schedule
 
+if TYPE_CHECKING:
+    from noisy_softmax_jax import nnx as nnx  # loaded on first use, by __getattr__
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -31,6 +41,7 @@ __all__ = [
     "FusedHeadOutput",
     "FusedNoisySoftmaxHead",
     "HeadOutput",
+    "NoisySoftmaxDense",
     "NoisySoftmaxHead",
     "alpha_schedule",
     "checked_fused_noisy_softmax_cross_entropy",
@@ -46,3 +57,16 @@ __all__ = [
     "target_amplitude",
     "top_class_fraction",
 ]
+
+
+def __getattr__(name: str) -> ModuleType:
+    # The Flax NNX heads, `noisy_softmax_jax.nnx`, load on first use: flax.nnx adds about a
+    # fifth to the package's import time (python -X importtime), which Linen and plain-JAX
+    # users would pay for nothing.
+    if name == "nnx":
+        return importlib.import_module("noisy_softmax_jax.nnx")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "nnx"])

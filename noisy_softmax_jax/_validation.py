@@ -161,10 +161,14 @@ def check_noise(noise: str, amplitude) -> None:
     if noise in _NEEDS_AMPLITUDE and amplitude is None:
         raise ValueError(
             f"noise={noise!r} needs `amplitude`, the per-example ||W_y|| * ||x|| of the "
-            "bias-free classifier. Get it from the head, "
-            "`out = NoisySoftmaxHead(num_classes)(features); out.amplitude(labels)`, or from "
+            "bias-free classifier. Get it from the head's output `out` as "
+            "`out.amplitude(labels)`: Flax Linen "
+            "`out = NoisySoftmaxHead(num_classes).apply(variables, features)`, Flax NNX "
+            "`out = noisy_softmax_jax.nnx.NoisySoftmaxHead(in_features, num_classes, "
+            "rngs=rngs)(features)`; or from "
             "`noisy_softmax_jax.target_amplitude(features, kernel, labels)`; or use "
-            "noise='free', which needs none."
+            "noise='free', which needs none. (NoisySoftmaxDense and nnx.NoisySoftmaxLinear "
+            "add the noise themselves and return logits for Optax's loss.)"
         )
 
 

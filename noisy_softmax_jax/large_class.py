@@ -47,6 +47,9 @@ class _Config(NamedTuple):
     noise: str = "annealed"
     shared_noise: bool = False
     negative: bool = False
+    # The matmul's dtype: the features and each block of the kernel are cast to it, the kernel
+    # block by block inside the loop (a whole cast copy of it is what the blocks avoid).
+    matmul_dtype: np.dtype = np.dtype(np.float32)
 
 
 def _compute_dtype(*dtypes) -> jnp.dtype:
@@ -61,34 +64,34 @@ def _dot(a, b, contract, dtype):
                                preferred_element_type=dtype)
 
 
-def _over_blocks(body, carry, kernel, chunk_size, class_dim):
+def _over_blocks(body, carry, kernel, chunk_size, class_dim, block_dtype):
     """Folds ``body(carry, block, start)`` over the blocks of ``chunk_size`` classes of ``kernel``.
 
-    Blocks are sliced along ``class_dim``, the kernel's class dimension, and handed to
-    ``body`` in the kernel's layout (``[dim, chunk]`` or ``[chunk, dim]``): nothing is
-    transposed, neither the kernel nor a block (XLA:CPU copies a transposed block rather
-    than folding the transpose into the matmul). The full blocks go through one loop; a last
-    partial block is sliced statically and run once after it, so nothing is padded (padding
-    the kernel would copy it whole).
+    Blocks are sliced along ``class_dim``, the kernel's class dimension, cast to
+    ``block_dtype`` one at a time, and handed to ``body`` in the kernel's layout
+    (``[dim, chunk]`` or ``[chunk, dim]``): nothing is transposed, neither the kernel nor a
+    block (XLA:CPU copies a transposed block rather than folding the transpose into the
+    matmul). The full blocks go through one loop; a last partial block is sliced statically
+    and run once after it, so nothing is padded (padding the kernel would copy it whole).
     """
     num_classes = kernel.shape[class_dim]
     full, rest = divmod(num_classes, chunk_size)
 
     def step(index, carry):
-        # The barrier makes the kernel a new value in every iteration. Without it XLA:CPU,
-        # which widens half-precision matmul operands to float32, rewrites
-        # convert(slice(kernel)) as slice(convert(kernel)) and hoists a float32 copy of the
-        # whole kernel out of the loop.
+        # The barrier makes the kernel a new value in every iteration. Without it XLA
+        # rewrites convert(slice(kernel)) as slice(convert(kernel)) and hoists a cast copy of
+        # the whole kernel out of the loop (XLA:CPU also widens half-precision matmul
+        # operands to float32, which makes that copy float32).
         whole, start = jax.lax.optimization_barrier((kernel, index * chunk_size))
         block = jax.lax.dynamic_slice_in_dim(whole, start, chunk_size, axis=class_dim)
-        return body(carry, block, start)
+        return body(carry, block.astype(block_dtype), start)
 
     if full:
         carry = jax.lax.fori_loop(0, full, step, carry)
     if rest:
         start = full * chunk_size
         block = jax.lax.slice_in_dim(kernel, start, num_classes, axis=class_dim)
-        carry = body(carry, block, jnp.asarray(start, jnp.int32))
+        carry = body(carry, block.astype(block_dtype), jnp.asarray(start, jnp.int32))
     return carry
 
 
@@ -139,7 +142,7 @@ def _forward_shard(features, kernel, local_labels, *, chunk_size, class_dim, dty
 
     zeros = jnp.zeros((batch,), dtype)
     carry = (jnp.full((batch,), -jnp.inf, dtype), zeros, zeros, zeros)
-    return _over_blocks(body, carry, kernel, chunk_size, class_dim)
+    return _over_blocks(body, carry, kernel, chunk_size, class_dim, features.dtype)
 
 
 def _backward_shard(features, kernel, local_labels, d_loss, log_normalizer, d_target_logit,
@@ -152,7 +155,7 @@ def _backward_shard(features, kernel, local_labels, d_loss, log_normalizer, d_ta
     each block's gradient is one matmul plus a scaled copy of the block's labelled columns,
     written once.
     """
-    matmul_dtype = jnp.result_type(features, kernel)
+    matmul_dtype = features.dtype  # the kernel's blocks are cast to it
 
     def body(carry, block, start):
         d_features, d_kernel = carry
@@ -178,7 +181,7 @@ def _backward_shard(features, kernel, local_labels, d_loss, log_normalizer, d_ta
         return d_features, d_kernel
 
     carry = (jnp.zeros(features.shape, dtype), jnp.zeros(kernel.shape, kernel.dtype))
-    return _over_blocks(body, carry, kernel, chunk_size, class_dim)
+    return _over_blocks(body, carry, kernel, chunk_size, class_dim, features.dtype)
 
 
 def _shard_offset(kernel, config):
@@ -291,9 +294,12 @@ def _fused_loss(features, kernel, labels, rng, alpha, sigma, config):
 
 
 def _fused_loss_fwd(features, kernel, labels, rng, alpha, sigma, config):
-    dtype = _compute_dtype(features.dtype, kernel.dtype)
-    others, target_logit, class_norm = _forward_pass(features, kernel, labels, config, dtype)
-    noisy_target = _noisy_target(config, target_logit, features.astype(dtype), class_norm, rng,
+    dtype = _compute_dtype(config.matmul_dtype)
+    # Cast here rather than before the custom VJP, so the features' gradient is rounded once,
+    # to their own dtype, not to the matmul's first. ||x|| is the norm of what is multiplied.
+    x = features.astype(config.matmul_dtype)
+    others, target_logit, class_norm = _forward_pass(x, kernel, labels, config, dtype)
+    noisy_target = _noisy_target(config, target_logit, x.astype(dtype), class_norm, rng,
                                  alpha, sigma)
     log_normalizer = jnp.logaddexp(others, noisy_target)
     residuals = (features, kernel, labels, rng, alpha, sigma, target_logit, class_norm,
@@ -311,8 +317,9 @@ def _fused_loss_bwd(config, residuals, d_loss):
     def noisy_target_of(target_logit, features, class_norm, alpha, sigma):
         return _noisy_target(config, target_logit, features, class_norm, rng, alpha, sigma)
 
+    x = features.astype(config.matmul_dtype)
     noisy_target, noisy_target_vjp = jax.vjp(
-        noisy_target_of, target_logit, features.astype(dtype), class_norm, alpha, sigma)
+        noisy_target_of, target_logit, x.astype(dtype), class_norm, alpha, sigma)
     target_prob = jnp.exp(noisy_target - log_normalizer)
     d_target_logit, d_features_norm, d_class_norm, d_alpha, d_sigma = noisy_target_vjp(
         d_loss * (target_prob - 1))
@@ -321,7 +328,7 @@ def _fused_loss_bwd(config, residuals, d_loss):
     d_class_norm_scale = jnp.where(
         positive, d_class_norm / jnp.where(positive, class_norm, 1), jnp.zeros((), dtype))
     d_features, d_kernel = _backward_pass(
-        features, kernel, labels, d_loss, log_normalizer, d_target_logit, d_class_norm_scale,
+        x, kernel, labels, d_loss, log_normalizer, d_target_logit, d_class_norm_scale,
         config, dtype)
     d_features = (d_features + d_features_norm).astype(features.dtype)
     return d_features, d_kernel, None, None, d_alpha, d_sigma
@@ -332,7 +339,7 @@ _fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _loss(features, kernel, labels, rng, alpha, sigma, where, *, config):
-    dtype = _compute_dtype(features.dtype, kernel.dtype)
+    dtype = _compute_dtype(config.matmul_dtype)
     alpha, sigma = jnp.asarray(alpha, dtype), jnp.asarray(sigma, dtype)
     loss = _fused_loss(features, kernel, labels, rng, alpha, sigma, config)
     # An out-of-range label (possible only under jit, where its value is not checked) would
@@ -411,6 +418,7 @@ def fused_noisy_softmax_cross_entropy(
     mesh: Mesh | None = None,
     class_axis: str | None = None,
     kernel_layout: KernelLayout = "features_classes",
+    dtype: jax.typing.DTypeLike | None = None,
 ) -> jax.Array:
     r"""Noisy softmax cross-entropy of a bias-free linear classifier, without its logits.
 
@@ -466,10 +474,15 @@ def fused_noisy_softmax_cross_entropy(
       class_axis: The mesh axis that splits the classes; ``classes`` must be divisible
         by its size, and ``batch`` by the size of the other axes.
       kernel_layout: ``"features_classes"`` (default) or ``"classes_features"``.
+      dtype: The matmul's dtype (default: the promoted dtype of ``features`` and ``kernel``).
+        ``features`` and each block of ``kernel`` are cast to it inside the loop, so a
+        float32 kernel multiplied in bfloat16 is never copied whole (temporaries stay
+        ``batch * chunk_size`` sized) and the norms are those of the cast values. Half
+        precision accumulates in float32; the gradients have the inputs' dtypes.
 
     Returns:
-      Per-example losses, shape ``[batch]``; float32 for half-precision inputs, else the
-      promoted dtype of ``features`` and ``kernel``.
+      Per-example losses, shape ``[batch]``; float32 for a half-precision matmul, else its
+      dtype.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -500,12 +513,12 @@ def fused_noisy_softmax_cross_entropy(
     arguments, config = _check_arguments(
         features, kernel, labels, rng, alpha, noise=noise, sigma=sigma, where=where,
         shared_noise=shared_noise, negative=negative, chunk_size=chunk_size, mesh=mesh,
-        class_axis=class_axis, kernel_layout=kernel_layout)
+        class_axis=class_axis, kernel_layout=kernel_layout, dtype=dtype)
     return _loss(*arguments, config=config)
 
 
-def _check_blocks(features, kernel, *, kernel_layout, chunk_size, mesh,
-                  class_axis) -> tuple[jax.Array, jax.Array, _Config]:
+def _check_blocks(features, kernel, *, kernel_layout, chunk_size, mesh, class_axis,
+                  dtype=None) -> tuple[jax.Array, jax.Array, _Config]:
     """Checks what the loss and fused_top_k share; returns the arrays and the blocks' config."""
     features = _validation.check_floating("features", features, "of shape [batch, dim]")
     if features.ndim != 2:
@@ -520,16 +533,31 @@ def _check_blocks(features, kernel, *, kernel_layout, chunk_size, mesh,
     shards = 1 if mesh is None else mesh.shape[class_axis]
     config = _Config(chunk_size=_check_chunk_size(chunk_size, batch, num_classes // shards),
                      mesh=mesh, class_axis=class_axis, batch_axes=batch_axes,
-                     kernel_class_dim=class_dim)
+                     kernel_class_dim=class_dim,
+                     matmul_dtype=_check_matmul_dtype(dtype, features, kernel))
     return features, kernel, config
 
 
+def _check_matmul_dtype(dtype, features, kernel) -> np.dtype:
+    if dtype is None:
+        return np.dtype(jnp.result_type(features, kernel))
+    try:
+        dtype = np.dtype(jnp.dtype(dtype))
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            "`dtype` must be a floating dtype, the matmul's (jnp.bfloat16, jnp.float16, "
+            f"jnp.float32, jnp.float64), or None for that of the inputs; got {dtype!r}.")
+    return dtype
+
+
 def _check_arguments(features, kernel, labels, rng, alpha, *, noise, sigma, where,
-                     shared_noise, negative, chunk_size, mesh, class_axis, kernel_layout):
+                     shared_noise, negative, chunk_size, mesh, class_axis, kernel_layout, dtype):
     """Validates and converts the arguments shared by the checked and unchecked loss."""
     features, kernel, config = _check_blocks(features, kernel, kernel_layout=kernel_layout,
                                              chunk_size=chunk_size, mesh=mesh,
-                                             class_axis=class_axis)
+                                             class_axis=class_axis, dtype=dtype)
     batch, num_classes = features.shape[0], kernel.shape[config.kernel_class_dim]
     labels = _check_labels(labels, batch, num_classes)
     rng = _validation.check_rng(rng)
@@ -580,6 +608,7 @@ def checked_fused_noisy_softmax_cross_entropy(
     mesh: Mesh | None = None,
     class_axis: str | None = None,
     kernel_layout: KernelLayout = "features_classes",
+    dtype: jax.typing.DTypeLike | None = None,
 ) -> tuple[checkify.Error, jax.Array]:
     """:func:`fused_noisy_softmax_cross_entropy` with value checks that work under ``jax.jit``.
 
@@ -589,7 +618,7 @@ def checked_fused_noisy_softmax_cross_entropy(
     loss. It costs one read of the kernel for the finiteness check.
 
     Args:
-      As in :func:`fused_noisy_softmax_cross_entropy`.
+      As in :func:`fused_noisy_softmax_cross_entropy` (``dtype`` included).
 
     Returns:
       ``(error, loss)``: a ``checkify.Error`` (``error.throw()`` outside ``jit`` raises it)
@@ -607,5 +636,5 @@ def checked_fused_noisy_softmax_cross_entropy(
     arguments, config = _check_arguments(
         features, kernel, labels, rng, alpha, noise=noise, sigma=sigma, where=where,
         shared_noise=shared_noise, negative=negative, chunk_size=chunk_size, mesh=mesh,
-        class_axis=class_axis, kernel_layout=kernel_layout)
+        class_axis=class_axis, kernel_layout=kernel_layout, dtype=dtype)
     return _checked_loss(*arguments, config=config)

@@ -38,7 +38,7 @@ def _top_k_shard(features, kernel, *, k, config, dtype):
 
     carry = (jnp.full((batch, k), -jnp.inf, dtype), jnp.full((batch, k), -1, jnp.int32))
     values, indices = large_class._over_blocks(body, carry, kernel, config.chunk_size,
-                                               config.kernel_class_dim)
+                                               config.kernel_class_dim, features.dtype)
     if config.class_axis is not None:
         # [batch, k] candidates from every shard, in shard (so class) order: [batch, shards * k].
         values, indices = (jax.lax.all_gather(x, config.class_axis, axis=1, tiled=True)
@@ -50,7 +50,8 @@ def _top_k_shard(features, kernel, *, k, config, dtype):
 
 @functools.partial(jax.jit, static_argnames=("config", "k"))
 def _top_k(features, kernel, *, k, config):
-    dtype = large_class._compute_dtype(features.dtype, kernel.dtype)
+    dtype = large_class._compute_dtype(config.matmul_dtype)
+    features = features.astype(config.matmul_dtype)  # the kernel: block by block
     shard = functools.partial(_top_k_shard, k=k, config=config, dtype=dtype)
     if config.mesh is None:
         return shard(features, kernel)
@@ -69,6 +70,7 @@ def fused_top_k(
     mesh: Mesh | None = None,
     class_axis: str | None = None,
     kernel_layout: KernelLayout = "features_classes",
+    dtype: jax.typing.DTypeLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The ``k`` largest logits of ``features @ kernel`` and their classes, block by block.
 
@@ -84,12 +86,13 @@ def fused_top_k(
       kernel: Class weights, shape ``[dim, classes]`` (default) or ``[classes, dim]``
         (``kernel_layout="classes_features"``: Equinox, PyTorch), read in blocks as stored.
       k: How many classes per example, ``1 <= k <= classes`` (and ``<= classes`` per shard).
-      chunk_size, mesh, class_axis, kernel_layout: As in
-        :func:`fused_noisy_softmax_cross_entropy`.
+      chunk_size, mesh, class_axis, kernel_layout, dtype: As in
+        :func:`fused_noisy_softmax_cross_entropy` (``dtype``: the matmul's, each block of
+        ``kernel`` cast to it inside the loop).
 
     Returns:
-      ``(values, classes)``, both ``[batch, k]``, largest first; values in float32 for
-      half-precision inputs, classes int32.
+      ``(values, classes)``, both ``[batch, k]``, largest first; values in float32 for a
+      half-precision matmul, classes int32.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -115,7 +118,7 @@ def fused_top_k(
     """
     checked_features, checked_kernel, config = large_class._check_blocks(
         features, kernel, kernel_layout=kernel_layout, chunk_size=chunk_size, mesh=mesh,
-        class_axis=class_axis)
+        class_axis=class_axis, dtype=dtype)
     num_classes = checked_kernel.shape[config.kernel_class_dim]
     shards = 1 if mesh is None else mesh.shape[class_axis]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_classes // shards:

@@ -5,16 +5,18 @@ The reference is `NoisySoftmaxHead` with the same kernel, its logits and amplitu
 parameters and the features) must agree to rounding, and top-k must be that of its logits.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh, PartitionSpec
 
 import noisy_softmax_jax as nsj
 from noisy_softmax_jax import nnx as nsj_nnx
-from tests.test_large_class import assert_close
+from tests.test_large_class import assert_close, class_mesh
 
 BATCH, DIM, CLASSES = 12, 8, 37
 
@@ -151,10 +153,78 @@ def test_bfloat16_head_computes_in_float32():
     head = nsj.FusedNoisySoftmaxHead(num_classes=CLASSES, dtype=jnp.bfloat16, chunk_size=8)
     params = head.init(jax.random.key(1), features)
     out = head.apply(params, features)
-    assert out.features.dtype == out.kernel.dtype == jnp.bfloat16
+    # The kernel stays float32: it is cast block by block inside the loss (issue 19, item 9).
+    assert out.features.dtype == out.dtype == jnp.bfloat16 and out.kernel.dtype == jnp.float32
     loss = out.loss(labels, jax.random.key(0), 0.1)
     assert loss.dtype == jnp.float32
     expected = nsj.fused_noisy_softmax_cross_entropy(
         features.astype(jnp.bfloat16), params["params"]["kernel"].astype(jnp.bfloat16), labels,
         jax.random.key(0), 0.1, chunk_size=8)
     np.testing.assert_array_equal(loss, expected)
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_linen_fused_head_creates_its_kernel_split_over_the_class_axis(axis_type):
+    features, labels = make_problem(5)
+    mesh = class_mesh((2, 2), ("data", "classes"), axis_type)
+    head = nsj.FusedNoisySoftmaxHead(num_classes=36, chunk_size=5, mesh=mesh,
+                                     class_axis="classes")
+    abstract = jax.eval_shape(head.init, jax.random.key(1), features)
+    assert nn.get_partition_spec(abstract) == {"params": {"kernel": PartitionSpec(
+        None, "classes")}}
+    # Flax's recipe: the shardings from the metadata, and jit creates each device's part.
+    params = jax.jit(head.init, out_shardings=nn.get_sharding(abstract, mesh))(
+        jax.random.key(1), features)
+    kernel = params["params"]["kernel"]
+    assert isinstance(kernel, nn.Partitioned) and kernel.names == (None, "classes")
+    assert kernel.value.sharding.spec == PartitionSpec(None, "classes")
+    assert {shard.data.shape for shard in kernel.value.addressable_shards} == {(DIM, 18)}
+    # The same kernel as the unsharded head's, and the same loss and gradients.
+    unsharded = nsj.FusedNoisySoftmaxHead(num_classes=36, chunk_size=5)
+    plain = unsharded.init(jax.random.key(1), features)
+    np.testing.assert_array_equal(kernel.value, plain["params"]["kernel"])
+    labels, rng = labels % 36, jax.random.key(2)
+    loss_fn = lambda head: lambda p, x: head.apply(p, x, labels, rng, 0.3, method="loss")
+    loss, grads = weighted_value_and_grads(loss_fn(head), params, features)
+    expected_loss, expected_grads = weighted_value_and_grads(loss_fn(unsharded), plain, features)
+    assert_close(loss, expected_loss, 1e-6)
+    assert_close(grads, expected_grads, 1e-6)
+    assert grads[0]["params"]["kernel"].value.sharding.spec == PartitionSpec(None, "classes")
+
+
+def test_linen_fused_head_keeps_a_kernel_init_partitioned_by_the_user():
+    mesh = class_mesh((4,), ("classes",))
+    init = nn.with_partitioning(nn.initializers.lecun_normal(), ("features", "classes"))
+    head = nsj.FusedNoisySoftmaxHead(num_classes=36, mesh=mesh, class_axis="classes",
+                                     kernel_init=init)
+    abstract = jax.eval_shape(head.init, jax.random.key(1), jnp.ones((4, DIM)))
+    assert nn.get_partition_spec(abstract) == {"params": {"kernel": PartitionSpec(
+        "features", "classes")}}
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_nnx_fused_head_creates_its_kernel_split_over_the_class_axis(axis_type):
+    features, labels = make_problem(6)
+    mesh = class_mesh((2, 2), ("data", "classes"), axis_type)
+    head = nsj_nnx.FusedNoisySoftmaxHead(DIM, 36, chunk_size=5, mesh=mesh, class_axis="classes",
+                                         rngs=nnx.Rngs(4))
+    kernel = head.kernel[...]
+    assert kernel.sharding.spec == PartitionSpec(None, "classes")
+    assert {shard.data.shape for shard in kernel.addressable_shards} == {(DIM, 18)}
+    assert nnx.get_partition_spec(nnx.state(head))["kernel"].get_value() == PartitionSpec(
+        None, "classes")
+    optimizer = nnx.Optimizer(head, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+    (momentum,) = [x for x in jax.tree.leaves(nnx.state(optimizer, nnx.OptState)) if x.ndim]
+    assert momentum.sharding.spec == PartitionSpec(None, "classes")
+    # The same kernel as the unsharded head's, and the same loss.
+    unsharded = nsj_nnx.FusedNoisySoftmaxHead(DIM, 36, chunk_size=5, rngs=nnx.Rngs(4))
+    np.testing.assert_array_equal(kernel, unsharded.kernel[...])
+    labels, rng = labels % 36, jax.random.key(2)
+    assert_close(head.loss(features, labels, rng, 0.3),
+                 unsharded.loss(features, labels, rng, 0.3), 1e-6)
+    # A kernel_init from nnx.with_partitioning keeps its own metadata.
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("data", "classes"),
+                                 mesh=mesh)
+    own = nsj_nnx.FusedNoisySoftmaxHead(DIM, 36, mesh=mesh, class_axis="classes",
+                                        kernel_init=init, rngs=nnx.Rngs(4))
+    assert own.kernel[...].sharding.spec == PartitionSpec("data", "classes")

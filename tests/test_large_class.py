@@ -163,6 +163,38 @@ def test_bfloat16_inputs_are_computed_in_float32():
     assert_close(grads[:2], expected_grads[:2], 2e-2)
 
 
+@pytest.mark.parametrize("kernel_layout", LAYOUTS)
+def test_dtype_casts_float32_inputs_block_by_block(kernel_layout):
+    # dtype=bfloat16 on float32 inputs: the loss of the inputs rounded to bfloat16 (the cast
+    # is elementwise, so casting block by block changes no value), gradients in float32.
+    features, kernel, labels = make_problem(8)
+    if kernel_layout == "classes_features":
+        kernel = kernel.T
+    rng = jax.random.key(14)
+    options = dict(chunk_size=8, kernel_layout=kernel_layout)
+    cast = lambda f, k, a: nsj.fused_noisy_softmax_cross_entropy(
+        f, k, labels, rng, a, dtype=jnp.bfloat16, **options)
+    rounded = lambda f, k, a: nsj.fused_noisy_softmax_cross_entropy(
+        f.astype(jnp.bfloat16), k.astype(jnp.bfloat16), labels, rng, a, **options)
+    loss, grads = value_and_grads(cast, features, kernel)
+    expected_loss, expected_grads = value_and_grads(rounded, features, kernel)
+    np.testing.assert_array_equal(loss, expected_loss)
+    assert loss.dtype == jnp.float32
+    assert grads[0].dtype == grads[1].dtype == jnp.float32
+    # The same gradients, except that the rounded inputs' are rounded to bfloat16 on the way
+    # back while these stay float32 (the features' is no longer rounded twice).
+    assert_close(grads, expected_grads, 1e-2)
+    values, classes = nsj.fused_top_k(features, kernel, 3, dtype=jnp.bfloat16, **options)
+    expected_values, expected_classes = nsj.fused_top_k(
+        features.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), 3, **options)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(classes, expected_classes)
+    # A dtype that is not floating is reported, naming the argument.
+    with pytest.raises(TypeError, match=r"`dtype` must be a floating dtype, the matmul's"):
+        nsj.fused_noisy_softmax_cross_entropy(features, kernel, labels, rng, 0.1,
+                                              dtype=jnp.int32, **options)
+
+
 def test_traced_labels_alpha_and_sigma_under_jit():
     features, kernel, labels = make_problem(9)
     rng = jax.random.key(15)
