@@ -102,8 +102,11 @@ def test_narrow_labels_with_more_classes_than_their_dtype_holds():
     # uint8 labels and 300 classes: class indices built in the labels' dtype would wrap at
     # 256 and mark class 261 as the target of label 5 as well (issue 19).
     gen = np.random.default_rng(0)
-    logits = jnp.asarray(gen.standard_normal((4, 300)), jnp.float32)
     labels = np.array([5, 44, 255, 0], np.uint8)
+    # The classes a wrapped index would mistake for the targets of labels 5 and 0 dominate,
+    # so that replacing their logits by the noisy target would change everything.
+    logits = jnp.asarray(gen.standard_normal((4, 300)), jnp.float32)
+    logits = logits.at[0, 261].set(30.0).at[3, 256].set(30.0)
     amplitude = jnp.full((4,), 30.0)
     rng = jax.random.key(1)
     narrow = nsj.saturation_metrics(logits, labels, amplitude=amplitude, rng=rng, alpha=0.5)
