@@ -262,14 +262,15 @@ def check_noise(noise: str, amplitude, *, drawn: bool = True) -> None:
     if drawn and noise in _NEEDS_AMPLITUDE and amplitude is None:
         raise ValueError(
             f"noise={noise!r} needs `amplitude`, the per-example ||W_y|| * ||x|| of the "
-            "bias-free classifier, whenever noise is drawn (a key and a non-zero alpha). The "
-            "heads return it: `out.amplitude(labels)` with `out` the output of "
-            "`noisy_softmax_jax.NoisySoftmaxHead` (Linen) or "
-            "`noisy_softmax_jax.nnx.NoisySoftmaxHead` (NNX); for your own weights, "
+            "bias-free classifier, whenever noise is drawn (a key and an alpha not known to "
+            "be 0). Get it from the head's output `out` as `out.amplitude(labels)`: Flax Linen "
+            "`out = noisy_softmax_jax.NoisySoftmaxHead(num_classes).apply(variables, "
+            "features)`, Flax NNX `out = noisy_softmax_jax.nnx.NoisySoftmaxHead(in_features, "
+            "num_classes, rngs=rngs)(features)`; or from "
             "`noisy_softmax_jax.target_amplitude(features, kernel, labels)`. Without noise "
-            "(rng=None, or alpha=0) none is needed, nor with noise='free'. "
-            "(NoisySoftmaxDense and nnx.NoisySoftmaxLinear add the noise themselves and "
-            "return logits for Optax's loss.)"
+            "(rng=None, or alpha=0) none is needed, nor with noise='free'. (NoisySoftmaxDense "
+            "and nnx.NoisySoftmaxLinear add the noise themselves and return logits for Optax's "
+            "loss.)"
         )
 
 
