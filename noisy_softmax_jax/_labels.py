@@ -18,7 +18,7 @@ def class_indices(num_classes: int, dtype: jax.typing.DTypeLike = jnp.int32,
                   start: jax.typing.ArrayLike = 0) -> jax.Array:
     """``[start, start + num_classes)`` in ``dtype`` (int32 by default, never the labels' dtype,
     which may be too narrow: uint8 would wrap at 256)."""
-    return start + jnp.arange(num_classes, dtype=dtype)
+    return jnp.asarray(start + jnp.arange(num_classes, dtype=dtype))
 
 
 def is_target(labels: jax.Array, num_classes: int, *, start: jax.typing.ArrayLike = 0

@@ -45,7 +45,7 @@ def host_value(x) -> np.ndarray | None:
 
 def _on_host_devices(x: jax.Array) -> bool:
     """Whether every shard of `x` is on a CPU device (then reading it copies nothing)."""
-    return all(device.platform == "cpu" for device in x.sharding.device_set)
+    return all(getattr(device, "platform", None) == "cpu" for device in x.sharding.device_set)
 
 
 def is_known_zero(x) -> bool:
@@ -222,11 +222,12 @@ def check_where(
                 f"of `labels`){per_logit}; got where.shape = {mask.shape}."
             )
     mask = mask.astype(bool)
-    kept = host_value(where)  # the argument as given: host values are host values
-    if kept is not None:
-        kept = kept != 0 if np.issubdtype(kept.dtype, np.number) else kept.astype(bool)
-        if logits is not None and mask.shape == logits.shape and axes:
-            kept = kept.any(axis=axes)
+    values = host_value(where)  # the argument as given: host values are host values
+    if values is None:
+        return mask, None
+    kept = np.asarray(values != 0 if np.issubdtype(values.dtype, np.number) else values, bool)
+    if logits is not None and mask.shape == logits.shape and axes:
+        kept = np.asarray(kept.any(axis=axes))
     return mask, kept
 
 
@@ -239,10 +240,11 @@ def check_nonnegative_scalar(name: str, x) -> jax.Array:
     if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
         raise TypeError(f"`{name}` must be a real number; got dtype {x.dtype}.")
     value = host_value(x)
-    if value is None and host_value(raw) is not None:
+    raw_value = host_value(raw)
+    if value is None and raw_value is not None:
         # A Python or NumPy number under jit: its value as it will be converted (1e39 is inf
         # in float32).
-        value = np.float64(host_value(raw))
+        value = np.asarray(raw_value, np.float64)
         if jnp.issubdtype(x.dtype, jnp.floating) and abs(value) > jnp.finfo(x.dtype).max:
             value = np.copysign(np.inf, value)
     if value is not None and not value >= 0:

@@ -74,19 +74,22 @@ def _masks(labels, where, num_classes, axes, ndim):
     mask with its class axes last (or None) and the examples kept (or None: all).
     """
     valid = _labels.in_range(labels, num_classes)
-    per_logit = where is not None and where.ndim == ndim
-    class_where = _classes_last(where, axes) if per_logit else None
-    kept = jnp.any(class_where, axis=-1) if per_logit else where
+    class_where = _classes_last(where, axes) if where is not None and where.ndim == ndim else None
+    kept = where if class_where is None else jnp.any(class_where, axis=-1)
     return _labels.safe(labels, valid), valid, class_where, kept
+
+
+def _in_compute_dtype(logits, alpha, sigma, amplitude):
+    """`alpha`, `sigma` and `amplitude` in the dtype the logits are computed in."""
+    dtype = _compute_dtype(logits.dtype)
+    alpha, sigma = jnp.asarray(alpha, dtype), jnp.asarray(sigma, dtype)
+    return alpha, sigma, None if amplitude is None else amplitude.astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _loss(logits, labels, rng, alpha, sigma, amplitude, where, *, noise, shared_noise,
           negative, axes):
-    dtype = _compute_dtype(logits.dtype)
-    alpha, sigma = jnp.asarray(alpha, dtype), jnp.asarray(sigma, dtype)
-    if amplitude is not None:
-        amplitude = amplitude.astype(dtype)
+    alpha, sigma, amplitude = _in_compute_dtype(logits, alpha, sigma, amplitude)
     classes_last = _classes_last(logits, axes)
     labels, valid, class_where, kept = _masks(labels, where, classes_last.shape[-1], axes,
                                               logits.ndim)
@@ -111,10 +114,8 @@ def _loss(logits, labels, rng, alpha, sigma, amplitude, where, *, noise, shared_
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _noisy_logits(logits, labels, rng, alpha, sigma, amplitude, where, *, noise, shared_noise,
                   negative, axes):
+    alpha, sigma, amplitude = _in_compute_dtype(logits, alpha, sigma, amplitude)
     dtype = _compute_dtype(logits.dtype)
-    alpha, sigma = jnp.asarray(alpha, dtype), jnp.asarray(sigma, dtype)
-    if amplitude is not None:
-        amplitude = amplitude.astype(dtype)
     # One class axis is perturbed where it is; several are moved last and flattened first.
     axis, moved = (axes[0], logits) if len(axes) == 1 else (-1, _classes_last(logits, axes))
     num_classes = math.prod(logits.shape[a] for a in axes)
@@ -441,14 +442,14 @@ def noisy_target_logit(
     target_logit = _validation.check_floating("target_logit", target_logit, "of shape [...]")
     rng, alpha, sigma, drawn = _validation.check_noise_scale(rng, alpha, sigma)
     _validation.check_noise(noise, amplitude, drawn=drawn)
-    if amplitude is not None and noise != "free":
-        amplitude = _validation.check_per_example("amplitude", amplitude, target_logit,
-                                                  floating=True)
+    checked = None
+    if amplitude is not None and noise != "free":  # "free" noise does not read it
+        checked = _validation.check_per_example("amplitude", amplitude, target_logit,
+                                                floating=True)
     target_logit = target_logit.astype(_compute_dtype(target_logit.dtype))
     if not drawn:
         return target_logit
-    return _noisy_target_logit(target_logit, rng, alpha, sigma,
-                               None if noise == "free" else amplitude, noise=noise,
+    return _noisy_target_logit(target_logit, rng, alpha, sigma, checked, noise=noise,
                                shared_noise=bool(shared_noise), negative=bool(negative))
 
 
