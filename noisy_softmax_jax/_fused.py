@@ -14,12 +14,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from noisy_softmax_jax import _noise
+from noisy_softmax_jax import _labels, _noise
 from noisy_softmax_jax._plain import compute_dtype, noisy_target_logit
 
 
 def _is_target(logits, labels):
-    return labels[..., None] == jnp.arange(logits.shape[-1])
+    return _labels.is_target(labels, logits.shape[-1])
 
 
 def _noisy_logits(logits, labels, noisy_target):
@@ -31,11 +31,25 @@ def _noisy_logits(logits, labels, noisy_target):
     """
     if logits.shape[-1] > 2**24:  # column indices would no longer be exact in float32
         return jnp.where(_is_target(logits, labels), noisy_target[..., None], logits)
-    columns = jnp.arange(logits.shape[-1], dtype=logits.dtype)
+    columns = _labels.class_indices(logits.shape[-1], dtype=logits.dtype)
     distance = jnp.abs(columns - labels[..., None].astype(logits.dtype))
     off_target = (distance - 0.5) * jnp.inf  # +inf off the target column, -inf on it
     return jnp.maximum(jnp.minimum(logits, off_target),
                        jnp.minimum(noisy_target[..., None], -off_target))
+
+
+def _put_target(x, labels, values):
+    """`x` with each example's label column set to its value: a scatter of one value per
+    example, with the leading axes as batch dimensions. (``jnp.put_along_axis`` builds
+    explicit (example, label) index pairs instead, which a batch sharded over devices
+    all-gathers first.)"""
+    batch = tuple(range(x.ndim - 1))
+    numbers = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(), inserted_window_dims=(x.ndim - 1,),
+        scatter_dims_to_operand_dims=(x.ndim - 1,), operand_batching_dims=batch,
+        scatter_indices_batching_dims=batch)
+    return jax.lax.scatter(x, labels[..., None], values, numbers, indices_are_sorted=True,
+                           unique_indices=True, mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
 # How far (in nats) the noise may push a target that is the largest logit below that
@@ -43,29 +57,41 @@ def _noisy_logits(logits, labels, noisy_target):
 _MAX_SHIFT_GAP = 30.0
 
 
-def _log_normalizer_shift(logits, labels, target_logit, noisy_target):
+def _log_normalizer_shift(logits, labels, target_logit, noisy_target, exact):
     """A per-example shift m for logsumexp(noisy_logits) = m + log(sum(exp(noisy_logits - m))).
 
-    The maximum of the noisy logits, without a pass over them: the largest logit and the
-    noisy target give it exactly unless the target is the largest logit and the noise
-    lowered it (then the largest of the others is unknown). In that case the largest logit
-    is still a safe shift as long as the noisy target is within _MAX_SHIFT_GAP of it: the
-    sum keeps a term >= exp(-30) and nothing that matters underflows. Rows beyond that gap
-    (noise of more than 30 nats on a dominant target) get the exact maximum from one more
-    pass, run only when such a row exists. With alpha = 0 the shift is the plain maximum,
-    as in `jax.nn.logsumexp`. `logits` may be in half precision (the maximum is exact in
-    any dtype); the rest is in the compute dtype.
+    `exact`: the maximum of the noisy logits, the larger of the noisy target and the largest
+    of the other logits, from one reduction with the target column left out. It branches on
+    nothing, so a batch sharded over devices needs no collective, and on accelerators the
+    select fuses into the reduction, which reads the logits once as a plain maximum would.
+
+    Not `exact` (XLA:CPU on one device, where that select costs as much again as the plain
+    maximum, a third of the forward pass): the largest logit and the noisy target give the
+    maximum exactly unless the target is the largest logit and the noise lowered it. Then
+    the largest logit is still a safe shift as long as the noisy target is within
+    _MAX_SHIFT_GAP of it: the sum keeps a term >= exp(-30). Rows beyond that gap (noise of
+    more than 30 nats on a dominant target) get the exact maximum from one more pass, run
+    only when such a row exists: a branch on the whole batch, which is why it is kept to a
+    single device.
+
+    Either way the shift is the plain maximum of the logits when alpha = 0, as in
+    `jax.nn.logsumexp` (Optax's bits). `logits` may be in half precision (the maximum is
+    exact in any dtype); the rest is in the compute dtype.
     """
     dtype = noisy_target.dtype
-    largest = jnp.max(logits, axis=-1).astype(dtype)
-    shift = jnp.maximum(largest, noisy_target)
-    far = (target_logit >= largest) & (noisy_target < shift - _MAX_SHIFT_GAP)
+    if exact:
+        others = jnp.max(jnp.where(_is_target(logits, labels), -jnp.inf, logits), axis=-1)
+        shift = jnp.maximum(others.astype(dtype), noisy_target)
+    else:
+        largest = jnp.max(logits, axis=-1).astype(dtype)
+        shift = jnp.maximum(largest, noisy_target)
+        far = (target_logit >= largest) & (noisy_target < shift - _MAX_SHIFT_GAP)
 
-    def exact_where_far():
-        noisy_logits = _noisy_logits(logits.astype(dtype), labels, noisy_target)
-        return jnp.where(far, jnp.max(noisy_logits, axis=-1), shift)
+        def exact_where_far():
+            noisy_logits = _noisy_logits(logits.astype(dtype), labels, noisy_target)
+            return jnp.where(far, jnp.max(noisy_logits, axis=-1), shift)
 
-    shift = jax.lax.cond(jnp.any(far), exact_where_far, lambda: shift)
+        shift = jax.lax.cond(jnp.any(far), exact_where_far, lambda: shift)
     return jax.lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0))
 
 
@@ -92,24 +118,24 @@ def _log_normalizer_shift(logits, labels, target_logit, noisy_target):
 #   into one read of the logits and the backward pass recomputes exp(n - logsumexp(n))
 #   while it writes the gradient: three reads and one write, where memory, not exp, is
 #   the cost.
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9, 10))
 def _noisy_cross_entropy(logits, labels, rng, alpha, sigma, amplitude, noise, shared_noise,
-                         negative, keep_exponentials):
+                         negative, keep_exponentials, exact_shift):
     del keep_exponentials  # the plain forward pass never keeps them
     dtype = compute_dtype(logits.dtype)
     target_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0].astype(dtype)
     noisy_target = noisy_target_logit(
         target_logit, rng, alpha, sigma, amplitude,
         noise=noise, shared_noise=shared_noise, negative=negative)
-    shift = _log_normalizer_shift(logits, labels, target_logit, noisy_target)
+    shift = _log_normalizer_shift(logits, labels, target_logit, noisy_target, exact_shift)
     noisy_logits = _noisy_logits(logits.astype(dtype), labels, noisy_target)
     total = jnp.sum(jnp.exp(noisy_logits - shift[..., None]), axis=-1)
     return (jnp.log(total) + shift) - noisy_target
 
 
 @_noisy_cross_entropy.defjvp
-def _noisy_cross_entropy_jvp(noise, shared_noise, negative, keep_exponentials, primals,
-                             tangents):
+def _noisy_cross_entropy_jvp(noise, shared_noise, negative, keep_exponentials, exact_shift,
+                             primals, tangents):
     logits, labels, rng, alpha, sigma, amplitude = primals
     d_logits, _, _, d_alpha, d_sigma, d_amplitude = tangents
     # Half-precision logits come in as they are and are widened where they are read, so
@@ -133,16 +159,15 @@ def _noisy_cross_entropy_jvp(noise, shared_noise, negative, keep_exponentials, p
         (alpha, sigma, amplitude), (d_alpha, d_sigma, d_amplitude))
     slope = _noise.computed_once(slope)
     is_target = _is_target(logits, labels)
-    shift = _log_normalizer_shift(logits, labels, target_logit, noisy_target)
+    shift = _log_normalizer_shift(logits, labels, target_logit, noisy_target, exact_shift)
     logits = logits.astype(dtype)
     if keep_exponentials:
         # exp(logits - shift) with the target column then overwritten in place by
         # exp(f~_y - shift): the [..., classes] loops are exactly Optax's, and the target
         # column costs one scatter of a value per example.
         target_exponential = jnp.exp(noisy_target - shift)
-        exponentials = jnp.put_along_axis(
-            jnp.exp(logits - shift[..., None]), labels[..., None],
-            target_exponential[..., None], axis=-1, inplace=False)
+        exponentials = _put_target(jnp.exp(logits - shift[..., None]), labels,
+                                   target_exponential)
         total = jnp.sum(exponentials, axis=-1)
         log_normalizer = jnp.log(total) + shift
         inverse_total = 1 / total
@@ -180,11 +205,14 @@ def _noisy_cross_entropy_jvp(noise, shared_noise, negative, keep_exponentials, p
     return loss, d_loss
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, rng: jax.Array, alpha: jax.Array,
-                  sigma: jax.Array, amplitude: jax.Array | None, *, noise: str,
-                  shared_noise: bool, negative: bool) -> jax.Array:
-    """`_plain.cross_entropy` without `where`, class axis last; alpha and sigma in the
-    compute dtype. Keeps the exponentials for the backward pass on CPU only (see above)."""
+def cross_entropy(logits: jax.Array, labels: jax.Array, rng: jax.Array | None,
+                  alpha: jax.Array, sigma: jax.Array, amplitude: jax.Array | None, *,
+                  noise: str | None, shared_noise: bool, negative: bool) -> jax.Array:
+    """`_plain.cross_entropy` without `where`, class axis last, labels in range; alpha and
+    sigma in the compute dtype. Keeps the exponentials for the backward pass on CPU only
+    (see above), and takes the exact shift, which needs no branch, unless it runs on XLA:CPU
+    with a single device (see `_log_normalizer_shift`)."""
     keep_exponentials = jax.default_backend() == "cpu"
+    exact_shift = not keep_exponentials or jax.device_count() > 1
     return _noisy_cross_entropy(logits, labels, rng, alpha, sigma, amplitude,
-                                noise, shared_noise, negative, keep_exponentials)
+                                noise, shared_noise, negative, keep_exponentials, exact_shift)

@@ -13,6 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_batching import custom_vmap
 
 # Threefry-2x32 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011):
 # 20 rounds in 5 groups of 4, rotation constants alternating between the two rows below,
@@ -77,6 +78,37 @@ def standard_normal(rng, shape, dtype):
         jax.lax.shift_right_logical(bits, np.uint32(9)) | one.view(np.uint32), jnp.float32) - one
     uniform = jax.lax.max(lo, floats * (one - lo) + lo)
     return np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform)
+
+
+@custom_vmap
+def per_example_normal(rng: jax.Array, template: jax.Array) -> jax.Array:
+    """One standard normal per entry of `template` (its shape and dtype), drawn from `rng`.
+
+    ``standard_normal(rng, template.shape, template.dtype)``, with a batching rule. Inside
+    ``jax.vmap`` a function sees one example, so a plain draw would have the example's shape
+    and give every example of the mapped axis the same noise from one key. Here:
+
+    - one (unmapped) key and a mapped `template`: the draw is that of the mapped axis as a
+      leading batch axis, ``standard_normal(rng, (axis_size,) + shape)``, so that
+      ``jax.vmap(loss)(x, y)`` equals ``loss(x, y)`` with the same key (nested maps nest);
+    - a mapped key: each key draws for its own call, as ``jax.vmap`` of the plain draw does.
+
+    `template` carries no gradient (callers pass a ``stop_gradient``): only which of its axes
+    are mapped matters.
+    """
+    return standard_normal(rng, template.shape, template.dtype)
+
+
+@per_example_normal.def_vmap
+def _per_example_normal_vmap(axis_size, in_batched, rng, template):
+    del axis_size
+    rng_mapped, template_mapped = in_batched
+    if rng_mapped:
+        shape = template.shape[1:] if template_mapped else template.shape
+        return jax.vmap(lambda key: standard_normal(key, shape, template.dtype))(rng), True
+    # The mapped axis leads `template`: drawing for its whole shape numbers the examples
+    # row-major with that axis first, as the call on the batched arrays does.
+    return per_example_normal(rng, template), True
 
 
 @jax.custom_jvp

@@ -11,7 +11,9 @@ with :math:`a = \|W_y\|\|x\|` the amplitude and :math:`s` the factor of the ``"a
 :func:`noisy_softmax_jax.noisy_logits` is `noisy_logits` below, and
 :func:`noisy_softmax_jax.noisy_softmax_cross_entropy` computes `cross_entropy` below through
 the fused fast path of ``_fused.py``, which ``tests/test_loss_paths.py`` pins to it (values and
-gradients). Half-precision logits are computed in float32.
+gradients), or, with a mask of the logits' shape, through `cross_entropy` itself.
+Half-precision logits are computed in float32. ``noise=None`` draws nothing: the plain
+cross-entropy.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from noisy_softmax_jax import _noise
+from noisy_softmax_jax import _labels, _noise
 
 
 def compute_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
@@ -27,15 +29,21 @@ def compute_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def noisy_target_logit(target_logit: jax.Array, rng: jax.Array, alpha: jax.Array,
-                       sigma: jax.Array, amplitude: jax.Array | None, *, noise: str,
+def noisy_target_logit(target_logit: jax.Array, rng: jax.Array | None, alpha: jax.Array,
+                       sigma: jax.Array, amplitude: jax.Array | None, *, noise: str | None,
                        shared_noise: bool, negative: bool) -> jax.Array:
     """f~_y from f_y, shape ``[...]``; inputs already checked and in the compute dtype."""
+    if noise is None:  # nothing is drawn (no key, or alpha known to be 0)
+        return target_logit
     dtype = target_logit.dtype
-    shape = () if shared_noise else target_logit.shape
     # xi is a sampled constant: no gradient reaches alpha, sigma or the key. Computed once,
-    # else XLA redoes the hash and erfinv in every [..., classes] kernel that reads xi.
-    xi = _noise.computed_once(_noise.standard_normal(rng, shape, dtype))
+    # else XLA redoes the hash and erfinv in every [..., classes] kernel that reads xi. Per
+    # example, the draw knows which axes `jax.vmap` maps (`per_example_normal`).
+    if shared_noise:
+        xi = _noise.standard_normal(rng, (), dtype)
+    else:
+        xi = _noise.per_example_normal(rng, jax.lax.stop_gradient(target_logit))
+    xi = _noise.computed_once(xi)
     magnitude = jnp.asarray(alpha, dtype) * jnp.asarray(sigma, dtype) * jnp.abs(xi)
     if noise == "annealed":
         # a - f_y = ||W_y|| ||x|| (1 - cos theta) >= 0, but it can round to a tiny negative
@@ -51,29 +59,41 @@ def noisy_target_logit(target_logit: jax.Array, rng: jax.Array, alpha: jax.Array
     return target_logit + injected if negative else target_logit - injected
 
 
-def noisy_logits(logits: jax.Array, labels: jax.Array, rng: jax.Array, alpha: jax.Array,
-                 sigma: jax.Array, amplitude: jax.Array | None, *, noise: str,
+def noisy_logits(logits: jax.Array, labels: jax.Array, rng: jax.Array | None, alpha: jax.Array,
+                 sigma: jax.Array, amplitude: jax.Array | None, *, noise: str | None,
                  shared_noise: bool, negative: bool, axis: int = -1
                  ) -> tuple[jax.Array, jax.Array]:
-    """The logits with the target entry along `axis` replaced by f~_y, and f~_y."""
+    """The logits with the target entry along `axis` replaced by f~_y, and f~_y.
+
+    `labels` must lie in ``[0, logits.shape[axis])`` (see ``_labels.safe``).
+    """
     logits = logits.astype(compute_dtype(logits.dtype))
+    axis = axis % logits.ndim
     target = jnp.take_along_axis(logits, jnp.expand_dims(labels, axis), axis=axis)
     noisy_target = noisy_target_logit(
         jnp.squeeze(target, axis), rng, alpha, sigma, amplitude,
         noise=noise, shared_noise=shared_noise, negative=negative)
-    # Class indices in int32, not the labels' dtype: uint8 labels must not wrap at 256.
-    is_target = jnp.expand_dims(labels, axis) == jax.lax.broadcasted_iota(
-        jnp.int32, logits.shape, axis % logits.ndim)
+    is_target = jnp.moveaxis(_labels.is_target(labels, logits.shape[axis]), -1, axis)
     return jnp.where(is_target, jnp.expand_dims(noisy_target, axis), logits), noisy_target
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, rng: jax.Array, alpha: jax.Array,
+def cross_entropy(logits: jax.Array, labels: jax.Array, rng: jax.Array | None, alpha: jax.Array,
                   sigma: jax.Array, amplitude: jax.Array | None, where: jax.Array | None = None,
-                  *, noise: str, shared_noise: bool, negative: bool, axis: int = -1
+                  *, noise: str | None, shared_noise: bool, negative: bool, axis: int = -1
                   ) -> jax.Array:
-    """Per-example noisy softmax cross-entropy, shape ``[...]``; masked examples give 0."""
+    """Per-example noisy softmax cross-entropy, shape ``[...]``.
+
+    `where` as in Optax: of the labels' shape, masked examples give 0; of the logits' shape,
+    masked classes leave the normalizer (the target's noisy logit is still subtracted) and
+    an example with no class left gives 0.
+    """
     perturbed, noisy_target = noisy_logits(
         logits, labels, rng, alpha, sigma, amplitude,
         noise=noise, shared_noise=shared_noise, negative=negative, axis=axis)
-    loss = jax.nn.logsumexp(perturbed, axis=axis) - noisy_target
-    return loss if where is None else jnp.where(where, loss, jnp.zeros_like(loss))
+    per_logit = where is not None and where.ndim == logits.ndim
+    log_normalizer = jax.nn.logsumexp(perturbed, axis=axis, where=where if per_logit else None)
+    loss = log_normalizer - noisy_target
+    if where is None:
+        return loss
+    kept = jnp.any(where, axis=axis) if per_logit else where
+    return jnp.where(kept, loss, jnp.zeros_like(loss))

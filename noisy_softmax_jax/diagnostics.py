@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from noisy_softmax_jax import _validation
+from noisy_softmax_jax import _labels, _validation
 from noisy_softmax_jax import loss as loss_lib
 
 __all__ = ["saturation_metrics", "top_class_fraction"]
@@ -16,8 +16,9 @@ __all__ = ["saturation_metrics", "top_class_fraction"]
 def _masked_mean(x: jax.Array, where: jax.Array | None) -> jax.Array:
     if where is None:
         return jnp.mean(x)
-    weights = where.astype(x.dtype)
-    return jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    # A select, not a product with the mask: a masked example's NaN must not reach the sum.
+    total = jnp.sum(jnp.where(where, x, jnp.zeros_like(x)))
+    return total / jnp.maximum(jnp.sum(where.astype(x.dtype)), 1.0)
 
 
 def saturation_metrics(
@@ -62,11 +63,15 @@ def saturation_metrics(
 
     Args:
       logits: Clean logits, shape ``[..., num_classes]``.
-      labels: Integer class indices, shape ``[...]``.
-      amplitude: Optional per-example :math:`\|W_y\|\|x\|`, shape ``[...]``.
-      rng: The loss's key; None means no noise.
+      labels: Integer class indices, shape ``[...]``; an unmasked out-of-range
+        one (possible under ``jit``) makes the metrics NaN.
+      amplitude: Optional per-example :math:`\|W_y\|\|x\|`, shape ``[...]``;
+        needed, as by the loss, when noise is drawn that scales with it.
+      rng: The loss's key; None means no noise (then, as with ``alpha = 0``, no
+        amplitude is needed).
       alpha, noise, sigma, shared_noise, negative: as given to the loss.
-      where: Optional boolean mask of the examples to include, shape ``[...]``.
+      where: Optional boolean mask of the examples to include, shape ``[...]``;
+        the labels of the others may be anything (padding such as -1).
       threshold: :math:`p_y` above which an example counts as saturated.
 
     Returns:
@@ -80,50 +85,53 @@ def saturation_metrics(
       (0.5, 0.25)
     """
     logits = _validation.check_floating("logits", logits, "of shape [..., num_classes]")
-    labels = _validation.check_labels(labels, logits)
+    kept = None
+    if where is not None:
+        where, kept = _validation.check_where(where, None, logits.shape[:-1])
+    labels = _validation.check_labels(labels, logits, examples=kept,
+                                      check_values=where is None or kept is not None)
     if amplitude is not None:
         amplitude = _validation.check_per_example("amplitude", amplitude, labels, floating=True)
-    if where is not None:
-        where = _validation.check_per_example("where", where, labels, floating=False)
-        where = where.astype(bool)
-    if rng is not None:
-        rng = _validation.check_rng(rng)
-        _validation.check_noise(noise, amplitude)
-    alpha = _validation.check_nonnegative_scalar("alpha", alpha)
-    sigma = _validation.check_nonnegative_scalar("sigma", sigma)
+    rng, alpha, sigma, drawn = _validation.check_noise_scale(rng, alpha, sigma)
+    _validation.check_noise(noise, amplitude, drawn=drawn)
     return _saturation_metrics(
-        logits, labels, amplitude, rng, alpha, sigma, where, threshold,
-        noise=noise, shared_noise=bool(shared_noise), negative=bool(negative))
+        logits, labels, amplitude, rng if drawn else None, alpha, sigma, where, threshold,
+        noise=noise if drawn else None, shared_noise=bool(shared_noise),
+        negative=bool(negative))
 
 
 @functools.partial(jax.jit, static_argnames=("noise", "shared_noise", "negative"))
 def _saturation_metrics(logits, labels, amplitude, rng, alpha, sigma, where, threshold, *,
                         noise, shared_noise, negative):
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    num_classes = logits.shape[-1]
+    # A masked example's label may be padding: replaced by a safe one, its values left out
+    # by the mask; an unmasked out-of-range one makes the metrics NaN, as it makes the loss.
+    valid = _labels.in_range(labels, num_classes)
+    labels = _labels.safe(labels, valid)
     target = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    target = jnp.where(valid, target, jnp.nan)
     log_normalizer = jax.nn.logsumexp(logits, axis=-1)
     target_prob = jnp.exp(target - log_normalizer)
 
-    if rng is None:
-        noisy_target, dnoisy_dtarget = target, jnp.ones_like(target)
-    else:
-        def perturb(t):
-            return loss_lib._noisy_target_logit(
-                t, rng, alpha, sigma, None if noise == "free" else amplitude,
-                noise=noise, shared_noise=shared_noise, negative=negative)
-        # The perturbation is elementwise in f_y, so a JVP with ones gives its derivative.
-        noisy_target, dnoisy_dtarget = jax.jvp(perturb, (target,), (jnp.ones_like(target),))
-    is_target = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
+    def perturb(t):
+        return loss_lib._noisy_target_logit(
+            t, rng, alpha, sigma, None if noise == "free" else amplitude,
+            noise=noise, shared_noise=shared_noise, negative=negative)
+
+    # The perturbation is elementwise in f_y, so a JVP with ones gives its derivative.
+    noisy_target, dnoisy_dtarget = jax.jvp(perturb, (target,), (jnp.ones_like(target),))
+    is_target = _labels.is_target(labels, num_classes)
     noisy_normalizer = jax.nn.logsumexp(
         jnp.where(is_target, noisy_target[..., None], logits), axis=-1)
     noisy_target_prob = jnp.exp(noisy_target - noisy_normalizer)
 
     metrics = {
         "target_prob": target_prob,
-        "saturated_fraction": (target_prob > threshold).astype(logits.dtype),
+        "saturated_fraction": jnp.where(valid, target_prob > threshold, jnp.nan),
         "target_grad": jnp.abs((1.0 - noisy_target_prob) * dnoisy_dtarget),
         "noise": target - noisy_target,
-        "accuracy": (jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype),
+        "accuracy": jnp.where(valid, jnp.argmax(logits, axis=-1) == labels, jnp.nan),
         "logit_std": jnp.std(logits, axis=-1),
     }
     if amplitude is not None:
@@ -131,7 +139,7 @@ def _saturation_metrics(logits, labels, amplitude, rng, alpha, sigma, where, thr
         metrics["amplitude"] = amplitude
         metrics["cos_target"] = jnp.where(
             amplitude > 0, target / jnp.where(amplitude > 0, amplitude, 1.0), 0.0)
-    return {name: _masked_mean(value, where).astype(jnp.float32)
+    return {name: _masked_mean(value.astype(logits.dtype), where).astype(jnp.float32)
             for name, value in metrics.items()}
 
 

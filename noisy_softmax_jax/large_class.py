@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
+from jax.interpreters import ad
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import noisy_softmax_jax
-from noisy_softmax_jax import _validation
+from noisy_softmax_jax import _labels, _validation
 from noisy_softmax_jax.amplitude import KernelLayout, checked_kernel, safe_norm
 
 __all__ = ["checked_fused_noisy_softmax_cross_entropy", "fused_noisy_softmax_cross_entropy"]
@@ -43,8 +44,8 @@ class _Config(NamedTuple):
     # The kernel's dimension that holds the classes: 1 for [dim, classes] (Flax), 0 for
     # [classes, dim] (Equinox, PyTorch). Blocks are sliced along it as the kernel is stored.
     kernel_class_dim: int
-    # The noise, for the loss only (fused_top_k has none).
-    noise: str = "annealed"
+    # The noise, for the loss only (fused_top_k has none); None: no noise is drawn.
+    noise: str | None = "annealed"
     shared_noise: bool = False
     negative: bool = False
     # The matmul's dtype: the features and each block of the kernel are cast to it, the kernel
@@ -107,8 +108,7 @@ def _per_class(values, class_dim):
 
 def _is_target(local_labels, start, width):
     """``[batch, width]`` mask of the label's column in the block starting at ``start``."""
-    columns = start + jnp.arange(width, dtype=jnp.int32)
-    return columns[None, :] == local_labels[:, None]
+    return _labels.is_target(local_labels, width, start=start)
 
 
 def _forward_shard(features, kernel, local_labels, *, chunk_size, class_dim, dtype):
@@ -282,6 +282,8 @@ def _shard_map(fn, config, *, in_specs, out_specs, out_like):
 
 def _noisy_target(config, target_logit, features, class_norm, rng, alpha, sigma):
     """f~_y through the public noise draw: the same noise as the materialised loss."""
+    if config.noise is None:  # no key, or alpha known to be 0: the plain cross-entropy
+        return target_logit
     amplitude = safe_norm(features, axis=-1) * class_norm
     return noisy_softmax_jax.noisy_target_logit(
         target_logit, rng, alpha, amplitude=amplitude, noise=config.noise, sigma=sigma,
@@ -336,22 +338,52 @@ def _fused_loss_bwd(config, residuals, d_loss):
 
 _fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
 
+_FORWARD_MODE_ERROR = (
+    "`{name}` has no forward-mode derivative (jax.jvp, jax.jacfwd, jax.linearize): it is a "
+    "jax.custom_vjp, whose backward pass recomputes each block of logits so that its memory "
+    "does not grow with the number of classes. Reverse mode works (jax.grad, jax.vjp, "
+    "jax.value_and_grad, and forward-over-reverse such as jax.hessian). For forward mode use "
+    "the materialised loss, noisy_softmax_cross_entropy(features @ kernel, labels, rng, alpha, "
+    "amplitude=target_amplitude(features, kernel, labels), ...): the same values and "
+    "derivatives in every mode, at the cost of the [batch, classes] logits."
+)
+
+
+def _reverse_mode_only(name, call, arguments):
+    """``call(*arguments)``, with a clear error where forward-mode autodiff reaches it.
+
+    Forward mode shows in the arguments (JVP tracers) when the transformation is applied
+    around this call, and as JAX's generic custom_vjp error raised inside it otherwise (a
+    ``vmap`` between the two, say). Applied around a ``jax.jit`` that contains the call,
+    neither is visible here and JAX's own error is all there is.
+    """
+    if any(isinstance(x, ad.JVPTracer) for x in jax.tree.leaves(arguments)):
+        raise TypeError(_FORWARD_MODE_ERROR.format(name=name))
+    try:
+        return call(*arguments)
+    except TypeError as error:
+        if "forward-mode autodiff" not in str(error):
+            raise
+        raise TypeError(_FORWARD_MODE_ERROR.format(name=name)) from None
+
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _loss(features, kernel, labels, rng, alpha, sigma, where, *, config):
     dtype = _compute_dtype(config.matmul_dtype)
     alpha, sigma = jnp.asarray(alpha, dtype), jnp.asarray(sigma, dtype)
-    loss = _fused_loss(features, kernel, labels, rng, alpha, sigma, config)
-    # An out-of-range label (possible only under jit, where its value is not checked) would
-    # match no column; NaN says so, as the materialised loss and Optax do.
-    in_range = (labels >= 0) & (labels < kernel.shape[config.kernel_class_dim])
+    # An out-of-range label (under jit or on an accelerator, where its value is not checked)
+    # is replaced by a safe one and its loss by NaN, as in the materialised loss; a masked
+    # one (padding) then gives 0 like any masked example.
+    in_range = _labels.in_range(labels, kernel.shape[config.kernel_class_dim])
+    loss = _fused_loss(features, kernel, _labels.safe(labels, in_range), rng, alpha, sigma,
+                       config)
     loss = jnp.where(in_range, loss, jnp.nan)
     if where is not None:
         loss = jnp.where(where, loss, jnp.zeros_like(loss))
     return loss
 
 
-def _check_labels(labels, batch, num_classes):
+def _check_labels(labels, batch, num_classes, *, examples=None, check_values=True):
     if np.shape(labels) != (batch,):
         raise ValueError(
             f"`labels` must have shape [batch] = ({batch},), one class per row of `features`; "
@@ -360,8 +392,9 @@ def _check_labels(labels, batch, num_classes):
         raise ValueError(f"at most {np.iinfo(np.int32).max} classes; got {num_classes}.")
     # The main loss's checks (dtype, and the range when the values are concrete), with the
     # shape of the logits that are never formed.
-    return _validation.check_labels(labels, jax.ShapeDtypeStruct((batch, num_classes),
-                                                                 jnp.float32))
+    return _validation.check_labels(
+        labels, jax.ShapeDtypeStruct((batch, num_classes), jnp.float32), examples=examples,
+        check_values=check_values)
 
 
 def _check_sharding(mesh, class_axis, batch, num_classes, class_dim):
@@ -406,7 +439,7 @@ def fused_noisy_softmax_cross_entropy(
     features: jax.typing.ArrayLike,
     kernel: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
-    rng: jax.Array,
+    rng: jax.Array | None,
     alpha: jax.typing.ArrayLike,
     *,
     noise: str = "annealed",
@@ -455,18 +488,33 @@ def fused_noisy_softmax_cross_entropy(
     read in blocks of rows as it is stored, and its gradient written back in the same layout,
     so it is never transposed whole; with a mesh its rows are split over ``class_axis``.
 
+    Reverse mode only: ``jax.grad``, ``jax.vjp`` and ``jax.value_and_grad`` work, and so
+    does forward-over-reverse (``jax.hessian``), but forward mode (``jax.jvp``,
+    ``jax.jacfwd``, ``jax.linearize``) does not: the loss is a ``jax.custom_vjp``, whose
+    backward pass recomputes each block of logits (a forward-mode rule that JAX could also
+    transpose would have to store them). Applied around the call, forward mode raises a
+    ``TypeError`` that names the materialised loss,
+    ``noisy_softmax_cross_entropy(features @ kernel, ..., amplitude=target_amplitude(...))``,
+    which has every mode; around a ``jax.jit`` that contains the call, JAX's own
+    custom_vjp error is raised instead. ``jax.vmap`` works, and draws the noise as the
+    materialised loss does.
+
     Args:
       features: Inputs of the classifier, shape ``[batch, dim]``, floating.
       kernel: Class weights, shape ``[dim, classes]`` (the default layout, Flax's ``Dense``,
         the ``kernel`` of :class:`noisy_softmax_jax.NoisySoftmaxHead`) or ``[classes, dim]``
         (``kernel_layout="classes_features"``). A kernel in the other layout is an error
         naming the fix, unless it is square; see :func:`noisy_softmax_jax.target_amplitude`.
-      labels: Integer class indices in ``[0, classes)``, shape ``[batch]``.
-      rng: A PRNG key; the same key gives the same noise as the materialised loss.
+      labels: Integer class indices in ``[0, classes)``, shape ``[batch]``. A label that
+        ``where`` masks out may be anything (padding such as -1); an unmasked one out of
+        range raises eagerly (where its value is on the host) and gives NaN under ``jit``.
+      rng: A PRNG key; the same key gives the same noise as the materialised loss. None:
+        no noise, the plain cross-entropy of ``features @ kernel``, as with ``alpha = 0``.
       alpha: Non-negative noise scale, traced (changing it does not recompile).
       noise: ``"annealed"`` (the paper's method), ``"amplitude"`` or ``"free"``.
       sigma: Non-negative standard deviation of :math:`\xi`.
-      where: Optional boolean mask ``[batch]``; masked examples give 0 and no gradient.
+      where: Optional boolean mask ``[batch]``; masked examples give 0 and no gradient,
+        whatever their label.
       shared_noise: One :math:`\xi` for the whole batch instead of one per example.
       negative: Raise the target logit instead (the paper's ablation).
       chunk_size: Classes per block. Default: about 2**21 / batch, a multiple of 128.
@@ -514,7 +562,8 @@ def fused_noisy_softmax_cross_entropy(
         features, kernel, labels, rng, alpha, noise=noise, sigma=sigma, where=where,
         shared_noise=shared_noise, negative=negative, chunk_size=chunk_size, mesh=mesh,
         class_axis=class_axis, kernel_layout=kernel_layout, dtype=dtype)
-    return _loss(*arguments, config=config)
+    return _reverse_mode_only("fused_noisy_softmax_cross_entropy",
+                              functools.partial(_loss, config=config), arguments)
 
 
 def _check_blocks(features, kernel, *, kernel_layout, chunk_size, mesh, class_axis,
@@ -559,22 +608,25 @@ def _check_arguments(features, kernel, labels, rng, alpha, *, noise, sigma, wher
                                              chunk_size=chunk_size, mesh=mesh,
                                              class_axis=class_axis, dtype=dtype)
     batch, num_classes = features.shape[0], kernel.shape[config.kernel_class_dim]
-    labels = _check_labels(labels, batch, num_classes)
-    rng = _validation.check_rng(rng)
-    alpha = _validation.check_nonnegative_scalar("alpha", alpha)
-    sigma = _validation.check_nonnegative_scalar("sigma", sigma)
-    _validation.check_noise(noise, amplitude=True)  # the amplitude is computed here
+    kept = None
     if where is not None:
-        where = _validation.check_per_example("where", where, labels, floating=False)
-        where = where.astype(bool)
-    config = config._replace(noise=noise, shared_noise=bool(shared_noise),
+        where, kept = _validation.check_where(where, None, (batch,))
+    # A masked label may be anything (padding); with the mask's values unknown, none is checked.
+    labels = _check_labels(labels, batch, num_classes, examples=kept,
+                           check_values=where is None or kept is not None)
+    rng, alpha, sigma, drawn = _validation.check_noise_scale(rng, alpha, sigma)
+    _validation.check_noise(noise, amplitude=True)  # the amplitude is computed here
+    config = config._replace(noise=noise if drawn else None, shared_noise=bool(shared_noise),
                              negative=bool(negative))
-    return (features, kernel, labels, rng, alpha, sigma, where), config
+    return (features, kernel, labels, rng if drawn else None, alpha, sigma, where), config
 
 
-def _loss_with_checks(features, kernel, labels, rng, alpha, sigma, where, *, config):
-    num_classes = kernel.shape[config.kernel_class_dim]
-    out_of_range = (labels < 0) | (labels >= num_classes)
+def _value_checks(features, kernel, labels, alpha, sigma, where, *, num_classes):
+    """The checks of the checked variant, on the inputs only: the loss is computed beside
+    them, not inside `checkify` (which fails to differentiate the custom_vjp)."""
+    out_of_range = ~_labels.in_range(labels, num_classes)
+    if where is not None:
+        out_of_range = out_of_range & where  # masked labels may be padding
     checkify.check(
         ~jnp.any(out_of_range),
         "`labels` must lie in [0, {num_classes}); found label {label}.",
@@ -585,18 +637,23 @@ def _loss_with_checks(features, kernel, labels, rng, alpha, sigma, where, *, con
     for name, x in (("alpha", alpha), ("sigma", sigma)):
         checkify.check(x >= 0, f"`{name}` must be >= 0; got {{value}}.", value=x)
         checkify.check(jnp.isfinite(x), f"`{name}` must be finite; got {{value}}.", value=x)
-    return _loss(features, kernel, labels, rng, alpha, sigma, where, config=config)
 
 
-_checked_loss = jax.jit(checkify.checkify(_loss_with_checks, errors=checkify.user_checks),
-                        static_argnames=("config",))
+_checked_values = jax.jit(checkify.checkify(_value_checks, errors=checkify.user_checks),
+                          static_argnames=("num_classes",))
+
+
+def _checked_loss(features, kernel, labels, rng, alpha, sigma, where, *, config):
+    error, _ = _checked_values(features, kernel, labels, alpha, sigma, where,
+                               num_classes=kernel.shape[config.kernel_class_dim])
+    return error, _loss(features, kernel, labels, rng, alpha, sigma, where, config=config)
 
 
 def checked_fused_noisy_softmax_cross_entropy(
     features: jax.typing.ArrayLike,
     kernel: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
-    rng: jax.Array,
+    rng: jax.Array | None,
     alpha: jax.typing.ArrayLike,
     *,
     noise: str = "annealed",
@@ -612,10 +669,12 @@ def checked_fused_noisy_softmax_cross_entropy(
 ) -> tuple[checkify.Error, jax.Array]:
     """:func:`fused_noisy_softmax_cross_entropy` with value checks that work under ``jax.jit``.
 
-    Reports labels outside ``[0, classes)``, non-finite ``features`` or ``kernel`` and a
-    negative or infinite ``alpha`` or ``sigma`` through ``jax.experimental.checkify``, as
+    Reports labels outside ``[0, classes)`` (except where ``where`` masks their example
+    out), non-finite ``features`` or ``kernel`` and a negative or infinite ``alpha`` or
+    ``sigma`` through ``jax.experimental.checkify``, as
     :func:`noisy_softmax_jax.checked_noisy_softmax_cross_entropy` does for the materialised
-    loss. It costs one read of the kernel for the finiteness check.
+    loss. It costs one read of the kernel for the finiteness check. The checks run beside
+    the loss, which is differentiated as the unchecked one is.
 
     Args:
       As in :func:`fused_noisy_softmax_cross_entropy` (``dtype`` included).
@@ -637,4 +696,5 @@ def checked_fused_noisy_softmax_cross_entropy(
         features, kernel, labels, rng, alpha, noise=noise, sigma=sigma, where=where,
         shared_noise=shared_noise, negative=negative, chunk_size=chunk_size, mesh=mesh,
         class_axis=class_axis, kernel_layout=kernel_layout, dtype=dtype)
-    return _checked_loss(*arguments, config=config)
+    return _reverse_mode_only("checked_fused_noisy_softmax_cross_entropy",
+                              functools.partial(_checked_loss, config=config), arguments)

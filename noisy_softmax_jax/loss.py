@@ -12,21 +12,26 @@ cross-entropy consumes, and in the tests as the reference. ``_fused.py`` is
 the same function as a ``jax.custom_jvp`` written for XLA (on CPU one array of
 exponentials whose buffer becomes the gradient, on accelerators nothing
 ``[..., classes]`` kept): :func:`noisy_softmax_cross_entropy` and
-:func:`checked_noisy_softmax_cross_entropy` always run it, with the class axis
-moved last first (free when it is last already). ``tests/test_loss_paths.py``
-pins the two equal, values and gradients. This module checks the arguments
-and documents the functions.
+:func:`checked_noisy_softmax_cross_entropy` run it, with the class axes moved
+last and flattened first (free when the one class axis is last already), except
+with a ``where`` of the logits' shape, a normalizer over some of the classes,
+which runs the plain definition. ``tests/test_loss_paths.py`` pins the two
+equal, values and gradients. This module checks the arguments, handles the
+labels that index nothing (out of range: NaN; masked padding: 0) and documents
+the functions.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 
-from noisy_softmax_jax import _fused, _plain, _validation
+from noisy_softmax_jax import _fused, _labels, _plain, _validation
 from noisy_softmax_jax._plain import compute_dtype as _compute_dtype
 from noisy_softmax_jax._plain import noisy_target_logit as _noisy_target_logit
 from noisy_softmax_jax._validation import NOISE_VARIANTS
@@ -39,55 +44,122 @@ __all__ = [
     "noisy_target_logit",
 ]
 
-_STATIC = ("noise", "shared_noise", "negative", "axis")
+_STATIC = ("noise", "shared_noise", "negative", "axes")
+
+
+def _classes_last(x, axes):
+    """`x` with its class axes moved last, in the order of `axes`, and flattened into one.
+
+    Optax's reading of a tuple ``axis``: a label is a row-major flat index into the slice of
+    the class axes taken in the order given. With one class axis this is ``jnp.moveaxis``
+    (nothing at all when it is last already).
+    """
+    rest = tuple(a for a in range(x.ndim) if a not in axes)
+    x = jnp.transpose(x, rest + axes)
+    return x.reshape(x.shape[:len(rest)] + (-1,))
+
+
+def _classes_back(x, shape, axes):
+    """Undoes `_classes_last` for an array of the logits' `shape`."""
+    rest = tuple(a for a in range(len(shape)) if a not in axes)
+    x = x.reshape(tuple(shape[a] for a in rest + axes))
+    return jnp.transpose(x, tuple(np.argsort(rest + axes)))
+
+
+def _masks(labels, where, num_classes, axes, ndim):
+    """In-range labels, and the masks, from the labels and ``where`` as the user gave them.
+
+    Returns the labels with every out-of-range one replaced by 0 (so that nothing indexes
+    with it: -1 would wrap to the last class), whether each was in range, the logit-shaped
+    mask with its class axes last (or None) and the examples kept (or None: all).
+    """
+    valid = _labels.in_range(labels, num_classes)
+    class_where = _classes_last(where, axes) if where is not None and where.ndim == ndim else None
+    kept = where if class_where is None else jnp.any(class_where, axis=-1)
+    return _labels.safe(labels, valid), valid, class_where, kept
+
+
+def _in_compute_dtype(logits, alpha, sigma, amplitude):
+    """`alpha`, `sigma` and `amplitude` in the dtype the logits are computed in."""
+    dtype = _compute_dtype(logits.dtype)
+    alpha, sigma = jnp.asarray(alpha, dtype), jnp.asarray(sigma, dtype)
+    return alpha, sigma, None if amplitude is None else amplitude.astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _loss(logits, labels, rng, alpha, sigma, amplitude, where, *, noise, shared_noise,
-          negative, axis):
-    dtype = _compute_dtype(logits.dtype)
-    alpha, sigma = jnp.asarray(alpha, dtype), jnp.asarray(sigma, dtype)
-    if amplitude is not None:
-        amplitude = amplitude.astype(dtype)
-    loss = _fused.cross_entropy(jnp.moveaxis(logits, axis, -1), labels, rng, alpha, sigma,
-                                amplitude, noise=noise, shared_noise=shared_noise,
-                                negative=negative)
-    if where is not None:
-        loss = jnp.where(where, loss, jnp.zeros_like(loss))
-    return loss
+          negative, axes):
+    alpha, sigma, amplitude = _in_compute_dtype(logits, alpha, sigma, amplitude)
+    classes_last = _classes_last(logits, axes)
+    labels, valid, class_where, kept = _masks(labels, where, classes_last.shape[-1], axes,
+                                              logits.ndim)
+    options = dict(noise=noise, shared_noise=shared_noise, negative=negative)
+    if class_where is None:
+        loss = _fused.cross_entropy(classes_last, labels, rng, alpha, sigma, amplitude,
+                                    **options)
+    else:
+        # A mask of the logits' shape is a normalizer over a subset of the classes: the
+        # plain definition with `logsumexp(where=...)`, as in Optax, differentiated by JAX.
+        loss = _plain.cross_entropy(classes_last, labels, rng, alpha, sigma, amplitude,
+                                    class_where, **options)
+    # An out-of-range label (under jit, or on an accelerator, where its value is not
+    # checked) gives NaN, unless its example is masked out (padding): then 0, as any masked
+    # example, with no gradient.
+    loss = jnp.where(valid, loss, jnp.nan)
+    if kept is not None:
+        loss = jnp.where(kept, loss, jnp.zeros_like(loss))
+    return loss.astype(logits.dtype)  # Optax's dtype: the logits'
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _noisy_logits(logits, labels, rng, alpha, sigma, amplitude, *, noise, shared_noise,
-                  negative, axis):
-    return _plain.noisy_logits(logits, labels, rng, alpha, sigma, amplitude, noise=noise,
-                               shared_noise=shared_noise, negative=negative, axis=axis)[0]
+def _noisy_logits(logits, labels, rng, alpha, sigma, amplitude, where, *, noise, shared_noise,
+                  negative, axes):
+    alpha, sigma, amplitude = _in_compute_dtype(logits, alpha, sigma, amplitude)
+    dtype = _compute_dtype(logits.dtype)
+    # One class axis is perturbed where it is; several are moved last and flattened first.
+    axis, moved = (axes[0], logits) if len(axes) == 1 else (-1, _classes_last(logits, axes))
+    num_classes = math.prod(logits.shape[a] for a in axes)
+    valid = _labels.in_range(labels, num_classes)
+    noisy = _plain.noisy_logits(moved, _labels.safe(labels, valid), rng, alpha, sigma,
+                                amplitude, noise=noise, shared_noise=shared_noise,
+                                negative=negative, axis=axis)[0]
+    # An unmasked out-of-range label has no entry to perturb: its row is NaN, so that any
+    # loss of it is NaN too. Masked examples are returned as they are.
+    noisy = jnp.where(jnp.expand_dims(valid, axis), noisy, jnp.nan)
+    if where is not None:
+        kept = jnp.any(where, axis=axes) if where.ndim == logits.ndim else where
+        noisy = jnp.where(jnp.expand_dims(kept, axis), noisy, moved.astype(dtype))
+    return noisy if len(axes) == 1 else _classes_back(noisy, logits.shape, axes)
 
 
 def _check_arguments(logits, labels, rng, alpha, amplitude, noise, sigma, where, axis):
     """Validates and converts the arguments shared by the loss, its checked variant and
-    `noisy_logits`; returns them with `axis` made non-negative."""
+    `noisy_logits`. Returns them with `axis` as a tuple of non-negative class axes, no `rng`
+    and no `amplitude` where no noise is drawn, and the `noise` to draw (None: none)."""
     logits = _validation.check_floating("logits", logits, "of shape [..., num_classes]")
-    axis = _validation.check_class_axis(axis, logits)
-    labels = _validation.check_labels_along_axis(labels, logits, axis)
-    rng = _validation.check_rng(rng)
-    alpha = _validation.check_nonnegative_scalar("alpha", alpha)
-    sigma = _validation.check_nonnegative_scalar("sigma", sigma)
-    _validation.check_noise(noise, amplitude)
-    if noise == "free":
-        amplitude = None  # "free" noise does not depend on the amplitude.
-    if amplitude is not None:
-        amplitude = _validation.check_per_example("amplitude", amplitude, labels, floating=True)
+    axes = _validation.check_class_axes(axis, logits)
+    kept = None
     if where is not None:
-        where = _validation.check_per_example("where", where, labels, floating=False)
-        where = where.astype(bool)
-    return logits, labels, rng, alpha, amplitude, sigma, where, axis
+        where, kept = _validation.check_where(
+            where, logits, _validation.batch_shape(logits, axes), axes)
+    # A masked label may be anything; with the mask's values unknown, none is checked.
+    labels = _validation.check_labels(labels, logits, axes, examples=kept,
+                                      check_values=where is None or kept is not None)
+    rng, alpha, sigma, drawn = _validation.check_noise_scale(rng, alpha, sigma)
+    _validation.check_noise(noise, amplitude, drawn=drawn)
+    if amplitude is not None and noise != "free":  # "free" noise does not read it
+        amplitude = _validation.check_per_example("amplitude", amplitude, labels, floating=True)
+    if not drawn:
+        rng, amplitude, noise = None, None, None
+    elif noise == "free":
+        amplitude = None
+    return logits, labels, rng, alpha, sigma, amplitude, where, axes, noise
 
 
 def noisy_softmax_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
-    rng: jax.Array,
+    rng: jax.Array | None,
     alpha: jax.typing.ArrayLike,
     *,
     amplitude: jax.typing.ArrayLike | None = None,
@@ -96,7 +168,7 @@ def noisy_softmax_cross_entropy(
     where: jax.typing.ArrayLike | None = None,
     shared_noise: bool = False,
     negative: bool = False,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
 ) -> jax.Array:
     r"""Computes noisy softmax cross-entropy with integer labels.
 
@@ -122,6 +194,13 @@ def noisy_softmax_cross_entropy(
     its features to zero (every logit equal, chance accuracy): watch the
     amplitude in :func:`noisy_softmax_jax.saturation_metrics`.
 
+    A drop-in replacement for ``optax.softmax_cross_entropy_with_integer_labels``:
+    the same ``axis`` (one class axis or a tuple of them) and ``where`` (per
+    example or per logit), the same output shape and dtype, and, without noise,
+    the same numbers. No noise is drawn with ``rng=None`` (evaluation, like
+    ``deterministic=True`` for Flax's ``Dropout``) or a concrete ``alpha = 0``;
+    then no ``amplitude`` is needed and the loss is Optax's, bit for bit.
+
     This is the fast path: one fused computation that costs what
     ``optax.softmax_cross_entropy_with_integer_labels`` costs. Prefer it
     whenever the loss is that plain cross-entropy. To combine the noise with
@@ -136,23 +215,32 @@ def noisy_softmax_cross_entropy(
     The factor :math:`a - f_y` is non-negative in exact arithmetic but can
     round below zero when :math:`x` is aligned with :math:`W_y`; it is clamped
     at zero (value and gradient), so the noise never raises the target logit
-    unless ``negative=True`` asks for it.
+    unless ``negative=True`` asks for it. Every mode of differentiation works
+    (``jax.grad``, ``jax.jvp``, ``jax.hessian``), and so do ``jax.jit`` and
+    ``jax.vmap``: mapped over examples with one key, the noise is what the
+    batched call draws (``jax.vmap(loss)(x, y)`` equals ``loss(x, y)``), so
+    per-example gradients (``jax.vmap(jax.grad(...))``, DP-SGD) see
+    independent noise; mapped with one key per call, each key draws its own.
 
-    Called eagerly, the arguments are checked (dtypes, shapes, label range,
-    signs of ``alpha`` and ``sigma``) and a bad one raises ``TypeError`` or
-    ``ValueError`` before anything is computed. Under ``jax.jit`` only dtypes
-    and shapes can be checked: an out-of-range label then gives a NaN loss
-    (as in Optax) and a negative ``alpha`` raises the target logit; use
+    Called eagerly, the arguments are checked and a bad one raises
+    ``TypeError`` or ``ValueError`` before anything is computed: dtypes and
+    shapes always, and the values (label range, signs and finiteness of
+    ``alpha`` and ``sigma``, whether ``alpha`` is 0) where they are on the host:
+    Python numbers and lists, NumPy arrays and ``jax.Array``\ s on CPU. The
+    values of a ``jax.Array`` on an accelerator are not read (that would be a
+    blocking device-to-host copy), nor any under ``jax.jit``: there an
+    out-of-range label gives a NaN loss (where Optax would wrap -1 to the last
+    class) and a negative ``alpha`` raises the target logit; use
     :func:`checked_noisy_softmax_cross_entropy` to have those reported.
-    ``bfloat16`` and ``float16`` inputs are computed, and returned, in float32.
 
     Args:
       logits: Unnormalized log probabilities, shape ``[..., num_classes]``
-        (the class axis is ``axis``).
+        (the class axis is ``axis``), floating.
       labels: Integer class indices in ``[0, num_classes)``, the shape of
-        ``logits`` without the class axis, ``[...]``.
+        ``logits`` without the class axes, ``[...]``. A label whose example
+        ``where`` masks out may be anything (padding such as -1).
       rng: A PRNG key, typed (``jax.random.key``) or legacy (``uint32[2]``).
-        The same key gives the same noise.
+        The same key gives the same noise. None: no noise (evaluation).
       alpha: Non-negative noise scale, a Python float or a scalar array. It is
         traced: changing it between calls does not recompile. ``alpha = 0``
         gives exactly ``optax.softmax_cross_entropy_with_integer_labels``.
@@ -169,24 +257,34 @@ def noisy_softmax_cross_entropy(
         80 elsewhere, without a lower test error; label smoothing 0.1 did
         better on the subsets (see the README's Results).
       amplitude: Per-example :math:`\|W_y\|\|x\|`, shape ``[...]``, needed by
-        ``"annealed"`` and ``"amplitude"`` noise; ignored by ``"free"``. Get it
-        from :class:`noisy_softmax_jax.NoisySoftmaxHead` (``out.amplitude(labels)``)
-        or :func:`noisy_softmax_jax.target_amplitude`.
+        ``"annealed"`` and ``"amplitude"`` noise whenever noise is drawn (a key
+        and an ``alpha`` not known to be 0); ignored by ``"free"``. Get it from
+        the head, ``out.amplitude(labels)`` with ``out`` the output of
+        :class:`noisy_softmax_jax.NoisySoftmaxHead` (Linen) or
+        :class:`noisy_softmax_jax.nnx.NoisySoftmaxHead` (NNX), or from
+        :func:`noisy_softmax_jax.target_amplitude`.
       noise: ``"annealed"`` (the paper's method), ``"amplitude"`` or ``"free"``.
       sigma: Non-negative standard deviation of :math:`\xi`.
-      where: Optional boolean mask, shape ``[...]``; masked examples give loss 0
-        and no gradient.
+      where: Optional boolean mask, as in Optax. Of the labels' shape ``[...]``:
+        masked examples give loss 0 and no gradient, whatever their label. Of
+        the logits' shape: masked classes leave the normalizer (the target's
+        noisy logit is subtracted even when its class is masked) and get no
+        gradient; an example with no class left gives 0.
       shared_noise: If True, draw one :math:`\xi` for the whole call instead of
         one per example (what the first author's Caffe code does).
       negative: If True, the noise raises the target logit instead of lowering
         it: the paper's "negative noise" ablation, reported worse than softmax.
-      axis: The class axis of ``logits``, as in Optax (one axis). Any axis
-        gives the loss of ``jnp.moveaxis(logits, axis, -1)``, noise included;
-        the last one is the fastest (another is moved last first).
+      axis: The class axis of ``logits``, or a tuple of class axes, as in
+        Optax: the loss of the logits with those axes moved last, in the order
+        given, and flattened into one (a label is a row-major flat index into
+        them), noise included. The last axis is the fastest (others are moved
+        last first).
 
     Returns:
-      Per-example losses, shape ``[...]``, no reduction; float32 for
-      half-precision inputs, else the dtype of ``logits``.
+      Per-example losses, the shape of ``labels``, no reduction, in the dtype of
+      ``logits`` as in Optax: ``bfloat16`` and ``float16`` logits are computed in
+      float32 and only the loss is rounded to their dtype (their gradient is
+      in their dtype too).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -201,29 +299,37 @@ def noisy_softmax_cross_entropy(
       >>> loss.shape
       (2,)
 
+      Without a key there is no noise, and no amplitude is needed (evaluation):
+
+      >>> import optax
+      >>> clean = noisy_softmax_cross_entropy(logits, labels, None, 0.1)
+      >>> bool(jnp.all(clean == optax.softmax_cross_entropy_with_integer_labels(logits, labels)))
+      True
+
     References:
       Chen, Deng & Du, `Noisy Softmax: Improving the Generalization Ability of
       DCNN via Postponing the Early Softmax Saturation
       <https://arxiv.org/abs/1708.03769>`_, CVPR 2017.
     """
-    logits, labels, rng, alpha, amplitude, sigma, where, axis = _check_arguments(
+    logits, labels, rng, alpha, sigma, amplitude, where, axes, noise = _check_arguments(
         logits, labels, rng, alpha, amplitude, noise, sigma, where, axis)
     return _loss(logits, labels, rng, alpha, sigma, amplitude, where, noise=noise,
-                 shared_noise=bool(shared_noise), negative=bool(negative), axis=axis)
+                 shared_noise=bool(shared_noise), negative=bool(negative), axes=axes)
 
 
 def noisy_logits(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
-    rng: jax.Array,
+    rng: jax.Array | None,
     alpha: jax.typing.ArrayLike,
     *,
     amplitude: jax.typing.ArrayLike | None = None,
     noise: str = "annealed",
     sigma: jax.typing.ArrayLike = 1.0,
+    where: jax.typing.ArrayLike | None = None,
     shared_noise: bool = False,
     negative: bool = False,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
 ) -> jax.Array:
     r"""Returns the logits with only the target entry perturbed by the noisy softmax's noise.
 
@@ -235,9 +341,10 @@ def noisy_logits(
     same key in the same way, so that
     ``optax.softmax_cross_entropy_with_integer_labels(noisy_logits(...), labels)``
     equals ``noisy_softmax_cross_entropy(...)`` with the same arguments (to
-    float32 rounding). Any cross-entropy can consume them: with label
-    smoothing, a margin, or a class-sharded softmax. Gradients flow through
-    ``logits`` and ``amplitude`` as in the loss.
+    float32 rounding; pass the same ``axis`` and ``where`` to both). Any
+    cross-entropy can consume them: with label smoothing, a margin, or a
+    class-sharded softmax. Gradients flow through ``logits`` and ``amplitude``
+    as in the loss.
 
     For the plain integer-label cross-entropy prefer the fused
     :func:`noisy_softmax_cross_entropy`: this transform writes the noisy
@@ -255,14 +362,23 @@ def noisy_logits(
       logits: Unnormalized log probabilities, shape ``[..., num_classes]``
         (the class axis is ``axis``).
       labels: Integer class indices in ``[0, num_classes)``, the shape of
-        ``logits`` without the class axis.
+        ``logits`` without the class axes. Under ``jit`` an out-of-range label
+        that ``where`` does not mask makes its example's logits NaN.
+      where: Optional boolean mask of the labels' or the logits' shape, as in
+        :func:`noisy_softmax_cross_entropy`: the examples it masks out (all of
+        their classes, for a mask of the logits' shape) are returned
+        unperturbed, and their labels may be anything (padding such as -1).
       rng, alpha, amplitude, noise, sigma, shared_noise, negative, axis: as in
-        :func:`noisy_softmax_cross_entropy`.
+        :func:`noisy_softmax_cross_entropy`; ``rng=None`` (or ``alpha = 0``)
+        returns the logits unperturbed.
 
     Returns:
       The noisy logits, the shape of ``logits``; float32 for half-precision
-      inputs (so that the noisy target is not rounded), else the dtype of
-      ``logits``.
+      inputs, else the dtype of ``logits``. Unlike the loss, which rounds only
+      its result, the noisy logits are an intermediate: rounded to bfloat16 (8
+      bits), the noisy target would quantize the noise itself (at a logit of 20
+      a bfloat16 step is 0.125, more than typical noise at ``alpha = 0.1``).
+      Optax's loss of them is then float32 too; cast it to match the loss's dtype.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -281,15 +397,15 @@ def noisy_logits(
       >>> optax.softmax_cross_entropy(noisy, smoothed).shape
       (2,)
     """
-    logits, labels, rng, alpha, amplitude, sigma, _, axis = _check_arguments(
-        logits, labels, rng, alpha, amplitude, noise, sigma, None, axis)
-    return _noisy_logits(logits, labels, rng, alpha, sigma, amplitude, noise=noise,
-                         shared_noise=bool(shared_noise), negative=bool(negative), axis=axis)
+    logits, labels, rng, alpha, sigma, amplitude, where, axes, noise = _check_arguments(
+        logits, labels, rng, alpha, amplitude, noise, sigma, where, axis)
+    return _noisy_logits(logits, labels, rng, alpha, sigma, amplitude, where, noise=noise,
+                         shared_noise=bool(shared_noise), negative=bool(negative), axes=axes)
 
 
 def noisy_target_logit(
     target_logit: jax.typing.ArrayLike,
-    rng: jax.Array,
+    rng: jax.Array | None,
     alpha: jax.typing.ArrayLike,
     *,
     amplitude: jax.typing.ArrayLike | None = None,
@@ -302,35 +418,52 @@ def noisy_target_logit(
 
     The piece of :func:`noisy_softmax_cross_entropy` that draws the noise,
     for losses that combine it with something else (a margin, say). With the
-    same key and arguments it draws the same noise as the loss.
+    same key and arguments it draws the same noise as the loss (under
+    ``jax.vmap`` too).
 
     Args:
       target_logit: :math:`f_y`, shape ``[...]``.
       rng, alpha, amplitude, noise, sigma, shared_noise, negative: as in
-        :func:`noisy_softmax_cross_entropy`.
+        :func:`noisy_softmax_cross_entropy`; ``rng=None`` (or ``alpha = 0``)
+        returns :math:`f_y` itself.
 
     Returns:
       :math:`\tilde f_y`, shape ``[...]``, in at least float32.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from noisy_softmax_jax import noisy_target_logit
+      >>> target = jnp.array([3.0, 1.0])
+      >>> bool(jnp.all(noisy_target_logit(target, jax.random.key(0), 0.1, noise="free") < target))
+      True
+      >>> noisy_target_logit(target, None, 0.1)  # no key: no noise, no amplitude needed
+      Array([3., 1.], dtype=float32)
     """
     target_logit = _validation.check_floating("target_logit", target_logit, "of shape [...]")
-    rng = _validation.check_rng(rng)
-    alpha = _validation.check_nonnegative_scalar("alpha", alpha)
-    sigma = _validation.check_nonnegative_scalar("sigma", sigma)
-    _validation.check_noise(noise, amplitude)
-    if noise == "free":
-        amplitude = None
-    if amplitude is not None:
-        amplitude = _validation.check_per_example("amplitude", amplitude, target_logit,
-                                                  floating=True)
+    rng, alpha, sigma, drawn = _validation.check_noise_scale(rng, alpha, sigma)
+    _validation.check_noise(noise, amplitude, drawn=drawn)
+    checked = None
+    if amplitude is not None and noise != "free":  # "free" noise does not read it
+        checked = _validation.check_per_example("amplitude", amplitude, target_logit,
+                                                floating=True)
     target_logit = target_logit.astype(_compute_dtype(target_logit.dtype))
-    return _noisy_target_logit(target_logit, rng, alpha, sigma, amplitude, noise=noise,
+    if not drawn:
+        return target_logit
+    return _noisy_target_logit(target_logit, rng, alpha, sigma, checked, noise=noise,
                                shared_noise=bool(shared_noise), negative=bool(negative))
 
 
-def _loss_with_checks(logits, labels, rng, alpha, sigma, amplitude, where, *, noise,
-                      shared_noise, negative, axis):
-    num_classes = logits.shape[axis]
-    out_of_range = (labels < 0) | (labels >= num_classes)
+def _value_checks(logits, labels, alpha, sigma, amplitude, where, *, axes):
+    """The checks of the checked variant, on the inputs only: the loss is computed beside
+    them, not inside `checkify`, so that every transformation of it keeps working."""
+    num_classes = math.prod(logits.shape[a] for a in axes)
+    per_logit = where is not None and where.ndim == logits.ndim
+    kept = jnp.any(where, axis=axes) if per_logit else where
+    # Masked examples (and, for a mask of the logits' shape, masked logits) are not reported:
+    # padding labels and -inf logits of excluded classes are what masks are for.
+    out_of_range = ~_labels.in_range(labels, num_classes)
+    if kept is not None:
+        out_of_range = out_of_range & kept
     checkify.check(
         ~jnp.any(out_of_range),
         "`labels` must lie in [0, {num_classes}); found label {label}.",
@@ -338,27 +471,27 @@ def _loss_with_checks(logits, labels, rng, alpha, sigma, amplitude, where, *, no
         label=jnp.where(jnp.any(out_of_range),
                         labels.ravel()[jnp.argmax(out_of_range.ravel())], 0) if labels.size else 0,
     )
-    checkify.check(jnp.all(jnp.isfinite(logits)), "`logits` contains NaN or infinity.")
+    finite = jnp.isfinite(logits)
+    if where is not None:
+        finite = finite | ~(where if per_logit else jnp.expand_dims(where, axes))
+    checkify.check(jnp.all(finite), "`logits` contains NaN or infinity.")
     if amplitude is not None:
-        checkify.check(jnp.all(jnp.isfinite(amplitude)), "`amplitude` contains NaN or infinity.")
+        checkify.check(jnp.all(jnp.isfinite(amplitude) | (False if kept is None else ~kept)),
+                       "`amplitude` contains NaN or infinity.")
     checkify.check(alpha >= 0, "`alpha` must be >= 0; got {alpha}.", alpha=alpha)
     checkify.check(sigma >= 0, "`sigma` must be >= 0; got {sigma}.", sigma=sigma)
     checkify.check(jnp.isfinite(alpha), "`alpha` must be finite; got {alpha}.", alpha=alpha)
     checkify.check(jnp.isfinite(sigma), "`sigma` must be finite; got {sigma}.", sigma=sigma)
-    return _loss(logits, labels, rng, alpha, sigma, amplitude, where, noise=noise,
-                 shared_noise=shared_noise, negative=negative, axis=axis)
 
 
-_checked_loss = jax.jit(
-    checkify.checkify(_loss_with_checks, errors=checkify.user_checks),
-    static_argnames=_STATIC,
-)
+_checked_values = jax.jit(checkify.checkify(_value_checks, errors=checkify.user_checks),
+                          static_argnames=("axes",))
 
 
 def checked_noisy_softmax_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
-    rng: jax.Array,
+    rng: jax.Array | None,
     alpha: jax.typing.ArrayLike,
     *,
     amplitude: jax.typing.ArrayLike | None = None,
@@ -367,15 +500,17 @@ def checked_noisy_softmax_cross_entropy(
     where: jax.typing.ArrayLike | None = None,
     shared_noise: bool = False,
     negative: bool = False,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
 ) -> tuple[checkify.Error, jax.Array]:
     """:func:`noisy_softmax_cross_entropy` with value checks that work under ``jax.jit``.
 
     Under ``jit`` the label values, ``alpha`` and ``sigma`` are tracers, so the
-    plain loss cannot inspect them. This variant uses
-    ``jax.experimental.checkify`` to report, after the fact, labels outside
-    ``[0, num_classes)``, non-finite ``logits`` or ``amplitude`` and a negative
-    or infinite ``alpha`` or ``sigma``. It costs a few reductions over the inputs.
+    plain loss cannot inspect them (nor, eagerly, the values of arrays on an
+    accelerator). This variant uses ``jax.experimental.checkify`` to report,
+    after the fact, labels outside ``[0, num_classes)``, non-finite ``logits``
+    or ``amplitude`` and a negative or infinite ``alpha`` or ``sigma``. What
+    ``where`` masks out is not reported (padding labels, ``-inf`` logits of
+    masked classes). It costs a few reductions over the inputs.
 
     Args:
       As in :func:`noisy_softmax_cross_entropy`.
@@ -394,7 +529,8 @@ def checked_noisy_softmax_cross_entropy(
       >>> print(error.get())
       `labels` must lie in [0, 3); found label 7. ...
     """
-    logits, labels, rng, alpha, amplitude, sigma, where, axis = _check_arguments(
+    logits, labels, rng, alpha, sigma, amplitude, where, axes, noise = _check_arguments(
         logits, labels, rng, alpha, amplitude, noise, sigma, where, axis)
-    return _checked_loss(logits, labels, rng, alpha, sigma, amplitude, where, noise=noise,
-                         shared_noise=bool(shared_noise), negative=bool(negative), axis=axis)
+    error, _ = _checked_values(logits, labels, alpha, sigma, amplitude, where, axes=axes)
+    return error, _loss(logits, labels, rng, alpha, sigma, amplitude, where, noise=noise,
+                        shared_noise=bool(shared_noise), negative=bool(negative), axes=axes)

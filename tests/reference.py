@@ -60,3 +60,28 @@ def noisy_softmax_target_gradient(logits, labels, abs_xi, alpha, amplitude=None,
     target_prob = np.take_along_axis(probs, labels[..., None], axis=-1)[..., 0]
     np.put_along_axis(grad, labels[..., None], ((target_prob - 1.0) * slope)[..., None], axis=-1)
     return grad
+
+
+def masked_cross_entropy(logits, labels, where=None):
+    """Integer-label cross-entropy in float64 with Optax's ``where``, class axis last.
+
+    A mask of the labels' shape zeroes the masked examples; one of the logits' shape leaves
+    the masked classes out of the normalizer (the target logit is subtracted whether or not
+    its class is kept), and an example with no class kept gives 0.
+    """
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+    target = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    if where is None or np.ndim(where) == labels.ndim:
+        kept_classes = np.ones(logits.shape, bool)
+    else:
+        kept_classes = np.asarray(where, bool)
+    top = np.max(np.where(kept_classes, logits, -np.inf), axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    total = np.sum(np.where(kept_classes, np.exp(logits - top), 0.0), axis=-1)
+    with np.errstate(divide="ignore"):
+        loss = np.log(total) + top[..., 0] - target
+    kept = kept_classes.any(axis=-1)
+    if where is not None and np.ndim(where) == labels.ndim:
+        kept = kept & np.asarray(where, bool)
+    return np.where(kept, loss, 0.0)

@@ -96,3 +96,25 @@ def test_top_class_fraction_of_one_predicted_class_is_one():
     assert float(nsj.top_class_fraction(jnp.zeros((8, 10)))) == 1.0  # ties go to class 0
     logits = jnp.array([[1.0, 0.0, 0.0], [2.0, 0.0, 1.0], [0.0, 3.0, 0.0], [5.0, 0.0, 0.0]])
     assert float(nsj.top_class_fraction(logits)) == 0.75
+
+
+def test_narrow_labels_with_more_classes_than_their_dtype_holds():
+    # uint8 labels and 300 classes: class indices built in the labels' dtype would wrap at
+    # 256 and mark class 261 as the target of label 5 as well (issue 19).
+    gen = np.random.default_rng(0)
+    labels = np.array([5, 44, 255, 0], np.uint8)
+    # The classes a wrapped index would mistake for the targets of labels 5 and 0 dominate,
+    # so that replacing their logits by the noisy target would change everything.
+    logits = jnp.asarray(gen.standard_normal((4, 300)), jnp.float32)
+    logits = logits.at[0, 261].set(30.0).at[3, 256].set(30.0)
+    amplitude = jnp.full((4,), 30.0)
+    rng = jax.random.key(1)
+    narrow = nsj.saturation_metrics(logits, labels, amplitude=amplitude, rng=rng, alpha=0.5)
+    wide = nsj.saturation_metrics(logits, labels.astype(np.int32), amplitude=amplitude, rng=rng,
+                                  alpha=0.5)
+    for name in wide:
+        np.testing.assert_allclose(narrow[name], wide[name], rtol=1e-6, err_msg=name)
+    grad = jax.grad(lambda lg: nsj.noisy_softmax_cross_entropy(
+        lg, labels, rng, 0.5, amplitude=amplitude).sum())(logits)
+    target_grad = np.abs(np.asarray(grad)[np.arange(4), labels.astype(np.int64)])
+    np.testing.assert_allclose(narrow["target_grad"], target_grad.mean(), rtol=1e-5)

@@ -204,16 +204,17 @@ def test_changing_alpha_or_sigma_does_not_recompile():
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_half_precision_is_computed_in_float32(dtype):
+def test_half_precision_is_computed_in_float32_and_returned_in_its_dtype(dtype):
     _, _, logits, labels, amplitude = make_batch(9, batch=(64,), scale=20.0)
     low = logits.astype(dtype)
     rng = jax.random.key(0)
     loss = nsj.noisy_softmax_cross_entropy(low, labels, rng, 0.1, amplitude=amplitude)
-    assert loss.dtype == jnp.float32
-    # The same (rounded) values in float32 give the same loss: nothing was computed in half.
+    assert loss.dtype == dtype  # Optax's dtype (issue 19; float32 before)
+    # The same (rounded) values in float32 give the same loss, rounded once at the end:
+    # nothing was computed in half precision.
     expected = nsj.noisy_softmax_cross_entropy(low.astype(jnp.float32), labels, rng, 0.1,
                                                amplitude=amplitude)
-    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    np.testing.assert_array_equal(loss, expected.astype(dtype))
     grad = jax.grad(lambda lg: nsj.noisy_softmax_cross_entropy(
         lg, labels, rng, 0.1, amplitude=amplitude).sum())(low)
     assert grad.dtype == dtype and jnp.all(jnp.isfinite(grad.astype(jnp.float32)))
@@ -283,3 +284,47 @@ def test_sharded_over_eight_devices_equals_one_device():
     per_example = nsj.noisy_softmax_cross_entropy(*sharded[:2], rng, 0.1, amplitude=sharded[2])
     np.testing.assert_allclose(per_example, nsj.noisy_softmax_cross_entropy(
         logits, labels, rng, 0.1, amplitude=amplitude), rtol=1e-6)
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all",
+               "reduce-scatter")
+
+
+@pytest.mark.parametrize("case", ["per_example", "shared", "where", "logit_mask", "bfloat16",
+                                  "no_key"])
+def test_a_sharded_batch_compiles_without_collectives(case):
+    # Per-example losses of a batch split over 8 devices need nothing from other devices:
+    # no data-dependent branch over the batch (a lax.cond on any example would need an
+    # all-reduce), no gather of the noise. Value and gradient, with a per-example cotangent.
+    assert jax.device_count() == 8, "tests/conftest.py emulates 8 CPU devices"
+    dtype = jnp.bfloat16 if case == "bfloat16" else jnp.float32
+    _, _, logits, labels, amplitude = make_batch(13, batch=(64,), dtype=dtype)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    where = {"where": jnp.arange(64) % 3 != 0,
+             "logit_mask": jnp.arange(64 * 10).reshape(64, 10) % 7 != 0}.get(case)
+    rng = None if case == "no_key" else jax.random.key(0)
+
+    def value_and_vjp(logits, labels, amplitude, where, cotangent):
+        def loss_fn(lg, amp):
+            return nsj.noisy_softmax_cross_entropy(lg, labels, rng, 0.1, amplitude=amp,
+                                                   where=where, shared_noise=case == "shared")
+
+        loss, vjp = jax.vjp(loss_fn, logits, amplitude)
+        return loss, vjp(cotangent)
+
+    args = [jax.device_put(x, rows) for x in (logits, labels, amplitude)]
+    args += [None if where is None else jax.device_put(where, rows),
+             jax.device_put(jnp.ones(64, dtype), rows)]
+    hlo = jax.jit(value_and_vjp).lower(*args).compile().as_text()
+    found = [name for name in COLLECTIVES if name in hlo]
+    assert not found, found
+    # And the sharded values are the unsharded ones.
+    loss, grads = jax.jit(value_and_vjp)(*args)
+    expected_loss, expected_grads = value_and_vjp(logits, labels, amplitude, where,
+                                                  jnp.ones(64, dtype))
+    np.testing.assert_array_equal(np.asarray(loss, np.float32),
+                                  np.asarray(expected_loss, np.float32))
+    for got, want in zip(grads, expected_grads):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   rtol=1e-6, atol=1e-7)

@@ -29,7 +29,7 @@ def make_inputs(dtype):
     target = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
     # ||W_y|| ||x|| >= |f_y|; the first rows are aligned (a = f_y: the annealing clamp's kink)
     # and the last one is dominant with a large amplitude (noise of tens of nats: the fused
-    # path's exact-maximum fallback).
+    # path's shift must be the exact maximum of the noisy logits).
     amplitude = jnp.abs(target) * jax.random.uniform(k_scale, (BATCH,), minval=1, maxval=3)
     amplitude = amplitude.at[:3].set(jnp.abs(target[:3]))
     logits = logits.at[-1, labels[-1]].set(60.0)
@@ -39,10 +39,11 @@ def make_inputs(dtype):
 
 
 def fused_unchecked(logits, labels, rng, alpha, sigma, amplitude, where, *, noise, shared_noise,
-                    negative, keep_exponentials):
-    """The fused loss with the given backward pass, masked as the public loss masks it."""
+                    negative, keep_exponentials, exact_shift):
+    """The fused loss with the given backward pass and shift, masked as the public loss
+    masks it."""
     loss = _fused._noisy_cross_entropy(logits, labels, rng, alpha, sigma, amplitude, noise,
-                                       shared_noise, negative, keep_exponentials)
+                                       shared_noise, negative, keep_exponentials, exact_shift)
     return loss if where is None else jnp.where(where, loss, 0.0)
 
 
@@ -88,17 +89,25 @@ def test_fused_path_equals_the_plain_definition(noise, options, dtype):
 
     def accelerator(lg, amp, a):  # the fused path with the accelerators' backward pass
         return fused_unchecked(lg, labels, rng, a, sigma, amp, where, keep_exponentials=False,
-                               **static)
+                               exact_shift=True, **static)
+
+    def one_cpu_device(lg, amp, a):  # CPU's backward pass with the one-device shift
+        return fused_unchecked(lg, labels, rng, a, sigma, amp, where, keep_exponentials=True,
+                               exact_shift=False, **static)
 
     expected_loss, expected_grads = values_and_gradients(logits, amplitude, alpha, plain)
     scale = 1.0 + np.abs(np.asarray(logits, np.float32)).max()
     # bfloat16 gradients are float32 ones rounded to bfloat16 (8 bits): a difference in the
     # last float32 bits can round to the neighbouring bfloat16.
     grad_rtol = 1e-5 if dtype == jnp.float32 else 2 ** -7
-    for fused in (public, accelerator):
+    for fused in (public, accelerator, one_cpu_device):
         loss, grads = values_and_gradients(logits, amplitude, alpha, fused)
-        assert loss.dtype == expected_loss.dtype == jnp.float32
-        np.testing.assert_allclose(loss, expected_loss, rtol=1e-6, atol=1e-6 * scale)
+        # The public loss is in the logits' dtype (rounded once), the internal one float32.
+        assert expected_loss.dtype == jnp.float32
+        assert loss.dtype == (logits.dtype if fused is public else jnp.float32)
+        rtol = 1e-6 if loss.dtype == jnp.float32 else 2 ** -8
+        np.testing.assert_allclose(np.asarray(loss, np.float32), expected_loss, rtol=rtol,
+                                   atol=1e-6 * scale)
         for name, got, want in zip(("logits", "amplitude", "alpha"), grads, expected_grads):
             assert got.dtype == want.dtype, name
             np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),

@@ -134,7 +134,10 @@ def loss_and_gradients(logits, labels, rng, alpha, sigma, amplitude, where, *, n
     loss, vjp = jax.vjp(loss_fn, logits, amplitude)
     grad_logits, grad_amplitude = vjp(jnp.ones_like(loss))
     softmax = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    return loss, grad_logits, grad_amplitude, softmax
+    # Half precision is computed in float32 and only the loss rounded to the logits' dtype:
+    # the loss of the same values in float32, to compare with.
+    wide = loss if logits.dtype == jnp.float32 else loss_fn(logits.astype(jnp.float32), amplitude)
+    return loss, grad_logits, grad_amplitude, softmax, wide
 
 
 @functools.partial(jax.jit, static_argnames=("where_given",))
@@ -152,16 +155,26 @@ def all_variants(logits, labels, rng, alpha, sigma, amplitude, where, *, where_g
 
 def check_valid_output(case, outputs, *, noise, negative, masked):
     """The properties every valid input has; `outputs` as `loss_and_gradients` returns them."""
-    loss, grad_logits, grad_amplitude, softmax = (np.asarray(o, np.float64) for o in outputs)
+    loss, grad_logits, grad_amplitude, softmax, wide = (
+        np.asarray(o, np.float64) for o in outputs)
     info = describe(case) | dict(noise=noise, negative=negative, masked=masked)
     labels = case["labels"]
-    assert outputs[0].dtype == jnp.float32, info  # half precision is returned in float32
+    dtype = case["logits"].dtype
+    assert outputs[0].dtype == dtype, info  # the logits' dtype, as in Optax
     assert loss.shape == labels.shape and grad_logits.shape == case["logits"].shape, info
     assert grad_amplitude.shape == labels.shape, info
-    for name, value in [("loss", loss), ("d loss / d logits", grad_logits),
+    # A float16 loss above 65504 is inf (the float32 one is finite, and so are the gradients).
+    overflow = np.abs(wide) > float(jnp.finfo(dtype).max)
+    for name, value in [("loss", np.where(overflow, 0.0, loss)),
+                        ("d loss / d logits", grad_logits),
                         ("d loss / d amplitude", grad_amplitude)]:
         bad = ~np.isfinite(value)
         assert not bad.any(), f"{name} is not finite at {np.argwhere(bad)[:3].tolist()}: {info}"
+    # The float32 loss rounded once (to the nearest, so within half a step of the dtype).
+    eps = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np.where(overflow, 0.0, loss), np.where(overflow, 0.0, wide),
+                               rtol=eps, atol=0, err_msg=str(info))
+    loss = wide
     # lse(n) >= max(n) >= the noisy target logit, in floating point as in exact arithmetic.
     assert np.all(loss >= 0), info
     keep = case["where"] if masked else np.ones(labels.shape, bool)
@@ -221,7 +234,7 @@ def inputs_of_any_dtype(draw):
 
 @examples(300)
 @hypothesis.given(case=inputs_of_any_dtype())
-def test_valid_input_of_any_dtype_gives_finite_float32_loss_and_gradients(case):
+def test_valid_input_of_any_dtype_gives_finite_loss_and_gradients_in_its_dtype(case):
     # The paper's variant and no mask here; the others are in the variant test.
     run_case(case, masked=False)
 
@@ -266,6 +279,14 @@ def _break_shape(gen, shape):
     return shape[:i] + (shape[i] + int(gen.integers(1, 3)),) + shape[i + 1:]
 
 
+def _break_where_shape(gen, shape, logits_shape):
+    """A shape that is neither `shape` nor `logits_shape` (a mask per logit is valid too)."""
+    broken = _break_shape(gen, shape)
+    while broken == logits_shape:
+        broken = _break_shape(gen, shape)
+    return broken
+
+
 def pick(gen, options):
     return options[int(gen.integers(len(options)))]
 
@@ -299,14 +320,14 @@ CORRUPTIONS = {
                      lambda g, a: a.update(labels=np.zeros(
                          _break_shape(g, a["labels"].shape), a["labels"].dtype))),
     "label out of range": (ValueError, r"`labels` must lie in \[0, ", lambda g, a: a.update(
-        labels=_with_bad_label(g, a["labels"], a["logits"].shape[-1]))),
+        _with_bad_label(g, a["labels"], a["logits"].shape[-1], a["where"]))),
     "amplitude shape": (ValueError, r"`amplitude` must have one entry per example",
                         lambda g, a: a.update(amplitude=np.ones(
                             _break_shape(g, a["labels"].shape), np.float32))),
     "integer amplitude": (TypeError, r"`amplitude` must be a floating", lambda g, a: a.update(
         amplitude=a["amplitude"].astype(np.int32))),
     "where shape": (ValueError, r"`where` must have one entry per example", lambda g, a: a.update(
-        where=np.ones(_break_shape(g, a["labels"].shape), bool))),
+        where=np.ones(_break_where_shape(g, a["labels"].shape, a["logits"].shape), bool))),
     "negative alpha": (ValueError, r"`alpha` must be >= 0", lambda g, a: a.update(
         alpha=-pick(g, [1e-30, g.uniform(0, 10), 1e30, np.inf]))),
     "nan alpha": (ValueError, r"`alpha` must be >= 0", lambda g, a: a.update(alpha=np.nan)),
@@ -322,10 +343,13 @@ CORRUPTIONS = {
         alpha=pick(g, [1j, True, "0.1", None]))),
     "unknown noise": (ValueError, r"`noise` must be one of", lambda g, a: a.update(
         noise=pick(g, ["gaussian", "Annealed", "", "annealed ", "none", "uniform", None]))),
+    # Only where noise is drawn: a key and a non-zero alpha (issue 19).
     "missing amplitude": (ValueError, r"needs `amplitude`", lambda g, a: a.update(
-        amplitude=None, noise=pick(g, ["annealed", "amplitude"]))),
+        amplitude=None, noise=pick(g, ["annealed", "amplitude"]),
+        alpha=pick(g, [1e-30, g.uniform(0.01, 10), 10.0]))),
+    # None is no key: no noise (issue 19).
     "rng not a key": (TypeError, r"`rng` must be a JAX PRNG key", lambda g, a: a.update(
-        rng=pick(g, [0, 1.5, None, np.zeros(2, np.float32), np.zeros(2, np.int32)]))),
+        rng=pick(g, [0, 1.5, np.zeros(2, np.float32), np.zeros(2, np.int32)]))),
     "rng wrong shape": (ValueError, r"`rng` must be a single key|legacy key must have shape",
                         lambda g, a: a.update(rng=pick(g, [
                             jax.random.split(jax.random.key(0), 2), np.zeros(3, np.uint32),
@@ -338,10 +362,17 @@ STATIC_CORRUPTIONS = ["integer logits", "bool logits", "complex logits", "scalar
                       "integer amplitude", "where shape", "unknown noise", "missing amplitude"]
 
 
-def _with_bad_label(gen, labels, classes):
+def _with_bad_label(gen, labels, classes, where):
+    """Labels with one out of range, in an example that `where` keeps (a masked label may be
+    anything: padding, issue 19)."""
     labels = labels.astype(pick(gen, [np.int32, np.int64, np.uint8, np.int8, np.uint64]))
-    labels.flat[int(gen.integers(labels.size))] = _bad_label(gen, classes, labels.dtype)
-    return labels
+    index = int(gen.integers(labels.size))
+    labels.flat[index] = _bad_label(gen, classes, labels.dtype)
+    if where is None:
+        return dict(labels=labels)
+    where = where.copy()
+    where.flat[index] = True
+    return dict(labels=labels, where=where)
 
 
 @st.composite
