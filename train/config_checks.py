@@ -157,14 +157,23 @@ def validate_config(
         config.train_saturation_every_steps,
         "> 0, or -1 for off",
     )
-    info = input_pipeline.DATASETS[config.dataset]
+    known_classes = input_pipeline.DATASETS[config.dataset].num_classes
+    _check(
+        isinstance(config.num_classes, int)
+        and 0 <= config.num_classes <= (known_classes or config.num_classes),
+        "num_classes",
+        config.num_classes,
+        "0 (every class) or the number of classes to train on"
+        + (f", at most the {known_classes} of {config.dataset}" if known_classes else ""),
+    )
+    classes = config.num_classes or known_classes
     _check(
         isinstance(config.train_subset, int)
         and config.train_subset >= 0
-        and config.train_subset % info.num_classes == 0,
+        and (classes is None or config.train_subset % classes == 0),
         "train_subset",
         config.train_subset,
-        f"0 (the whole split) or a positive multiple of the {info.num_classes} classes of "
+        f"0 (the whole split) or a positive multiple of the {classes or 'prepared'} classes of "
         f"{config.dataset} (the split size is checked when the data is loaded)",
     )
     num_devices = jax.device_count() if num_devices is None else num_devices

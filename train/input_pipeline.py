@@ -1,11 +1,17 @@
 """Input pipeline: TFDS ArrayRecord data read through `tfds.data_source`, no TensorFlow.
 
-The datasets here are small (at most 60k images of 32x32x3), so each split is decoded once into
-host memory and batches are cut from it with NumPy. The order of the training data is a function
-of (seed, epoch) alone, so the batch of any step can be recomputed: a run resumed from a
-checkpoint at step s sees exactly the batches an uninterrupted run sees from step s on.
+Training and evaluation read each batch from the split's random-access source when they need it
+(`SourceRecords`), a few batches ahead in background threads (`prefetch`, through Grain), so a
+split never has to fit in host memory. `load_split` still decodes a whole split into memory, for
+a process that trains many short runs on one small dataset (`cached_splits`, used by
+`python -m train.compare`); `ArrayRecords` serves batches from such arrays, and a batch read
+from either is the same.
 
-Multi-host: every process computes the same global batch of indices and keeps its own
+The order of the training data is a function of (seed, epoch) alone, so the batch of any step
+can be recomputed: a run resumed from a checkpoint at step s sees exactly the batches an
+uninterrupted run sees from step s on.
+
+Multi-host: every process computes the same global batch of indices and reads only its own
 contiguous slice; `jax.make_array_from_process_local_data` assembles the global array.
 Normalization and the CIFAR-10+ augmentation run on the device (see `augment`).
 """
@@ -14,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +46,7 @@ def _open_source(dataset: str, split: str, data_dir: str, *, skip_decoding: bool
     # download=False: TFDS's own preparation of these datasets needs TensorFlow; ours does not.
     # The PNG bytes are decoded here with Pillow (faster than TFDS's per-record decoding).
     return tfds.data_source(
-        dataset,
+        prepare_data.tfds_name(dataset),
         split=split,
         data_dir=data_dir,
         download=False,
@@ -76,6 +84,149 @@ def open_source(dataset: str, split: str, data_dir: str, *, prepare: bool = True
     return _open_source(dataset, split, data_dir)
 
 
+class Records(Protocol):
+    """Random access to the (image, label) examples of a split."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images [n, H, W, C] and int32 labels [n] of the examples at `indices`."""
+        ...
+
+
+class ArrayRecords:
+    """Examples held in host memory as arrays (a decoded split, or test data)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[indices], self.labels[indices]
+
+    def all_labels(self) -> np.ndarray:
+        return self.labels
+
+
+def _damaged(dataset: str, split: str, data_dir: str, error: Exception
+             ) -> prepare_data.DataUnavailableError:
+    # A partly prepared or damaged dataset: array_record's error is a deep stack trace.
+    folder = os.path.join(os.path.expanduser(data_dir), prepare_data.tfds_name(dataset))
+    detail = str(error).strip().splitlines()[-1][:300] if str(error).strip() else ""
+    return prepare_data.DataUnavailableError(
+        f"the prepared {dataset} {split} split in {folder} is incomplete or damaged "
+        f"({type(error).__name__}: {detail}).\n"
+        f"Delete {folder} and rerun with --config.prepare_data=True to prepare it again.")
+
+
+class SourceRecords:
+    """The examples of a prepared split, read from its `tfds.data_source` when asked for.
+
+    Nothing of the split is held in memory: each `read` fetches its records (one batched
+    ArrayRecord read) and decodes their PNG bytes with Pillow. Opening the split reads its first
+    and last record, so that a missing or truncated file fails here, before any training.
+
+    Args:
+      dataset: a key of `DATASETS`.
+      split: the TFDS split name.
+      data_dir: the TFDS data folder.
+      prepare: prepare the data offline if it is missing (where possible).
+
+    Raises:
+      prepare_data.DataUnavailableError: the split is missing, incomplete or damaged.
+    """
+
+    def __init__(self, dataset: str, split: str, data_dir: str, *, prepare: bool = True):
+        self.dataset, self.split, self.data_dir = dataset, split, data_dir
+        self.image_shape = DATASETS[dataset].image_shape
+        self.source = open_source(dataset, split, data_dir, prepare=prepare)
+        self.batched = True
+        self._labels: np.ndarray | None = None
+        try:
+            self.source.__getitems__([0])
+        except TypeError:
+            # tfds.testing.mock_data: item access only, and it makes the (random) arrays itself.
+            self.source = _open_source(
+                dataset, split, os.path.expanduser(data_dir), skip_decoding=False)
+            self.batched = False
+        except (RuntimeError, OSError, ValueError) as error:
+            raise _damaged(dataset, split, data_dir, error) from None
+        if len(self):
+            self.read(np.array([0, len(self) - 1]))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _records(self, indices: list[int]) -> list:
+        # One batched read is much faster than one read per record.
+        if self.batched:
+            return list(self.source.__getitems__(indices))
+        return [self.source[index] for index in indices]
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            records = self._records([int(i) for i in indices])
+            images = [_decode_image(record["image"]) for record in records]
+            labels = [record["label"] for record in records]
+        except (RuntimeError, OSError, ValueError) as error:
+            raise _damaged(self.dataset, self.split, self.data_dir, error) from None
+        images = np.stack(images).astype(np.uint8) if images else np.zeros((0,), np.uint8)
+        return images.reshape((-1, *self.image_shape)), np.asarray(labels, dtype=np.int32)
+
+    def all_labels(self, chunk: int = 4096) -> np.ndarray:
+        """The int32 labels [N] of the whole split (read once, without decoding the images)."""
+        if self._labels is not None:
+            return self._labels
+        labels = []
+        for start in range(0, len(self), chunk):
+            keys = list(range(start, min(start + chunk, len(self))))
+            try:
+                labels.extend(record["label"] for record in self._records(keys))
+            except (RuntimeError, OSError, ValueError) as error:
+                raise _damaged(self.dataset, self.split, self.data_dir, error) from None
+        self._labels = np.asarray(labels, dtype=np.int32)
+        return self._labels
+
+
+class SubsetRecords:
+    """The examples of `records` at `indices`, renumbered 0..len(indices)-1."""
+
+    def __init__(self, records: Records, indices: np.ndarray):
+        self.records, self.indices = records, np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.records.read(self.indices[indices])
+
+    def all_labels(self) -> np.ndarray:
+        return all_labels(self.records)[self.indices]
+
+
+def all_labels(records: Records) -> np.ndarray:
+    """The int32 labels [N] of every example of `records`."""
+    labels = getattr(records, "all_labels", None)
+    if labels is not None:
+        return labels()
+    return records.read(np.arange(len(records)))[1]
+
+
+def open_split(dataset: str, split: str, data_dir: str, *, prepare: bool = True) -> Records:
+    """The examples of a split: read on demand, or from memory inside `cached_splits()`.
+
+    Raises:
+      prepare_data.DataUnavailableError: the split is missing, incomplete or damaged.
+    """
+    if _split_cache is not None:
+        return ArrayRecords(*load_split(dataset, split, data_dir, prepare=prepare))
+    return SourceRecords(dataset, split, data_dir, prepare=prepare)
+
+
 @contextlib.contextmanager
 def cached_splits() -> Iterator[None]:
     """Within this context, `load_split` decodes each split once and then returns the same arrays.
@@ -83,7 +234,8 @@ def cached_splits() -> Iterator[None]:
     For a process that trains many short runs on the same data (`python -m train.compare`):
     decoding a split costs seconds, a 200-step run about a minute. The cached arrays are made
     read-only, so no run can change the data another run sees. Nested uses share one cache; it
-    is dropped when the outermost context exits.
+    is dropped when the outermost context exits. Inside it, `open_split` serves the cached
+    arrays too.
 
     Example:
       >>> with cached_splits():  # doctest: +SKIP
@@ -122,34 +274,12 @@ def load_split(
 def _decode_split(
     dataset: str, split: str, data_dir: str, *, prepare: bool, chunk: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    source = open_source(dataset, split, data_dir, prepare=prepare)
-    batched = True
-    images, labels = [], []
-    try:
-        try:
-            source.__getitems__([0])
-        except TypeError:
-            # tfds.testing.mock_data: item access only, and it makes the (random) arrays itself.
-            source = _open_source(dataset, split, os.path.expanduser(data_dir), skip_decoding=False)
-            batched = False
-        for start in range(0, len(source), chunk):
-            keys = list(range(start, min(start + chunk, len(source))))
-            # One batched read is much faster than one read per record.
-            records = source.__getitems__(keys) if batched else [source[key] for key in keys]
-            images.extend(_decode_image(record["image"]) for record in records)
-            labels.extend(record["label"] for record in records)
-    except (RuntimeError, OSError, ValueError) as error:
-        # A partly prepared or damaged dataset: array_record's error is a deep stack trace.
-        folder = os.path.join(os.path.expanduser(data_dir), dataset)
-        detail = str(error).strip().splitlines()[-1][:300] if str(error).strip() else ""
-        raise prepare_data.DataUnavailableError(
-            f"the prepared {dataset} {split} split in {folder} is incomplete or damaged "
-            f"({type(error).__name__}: {detail}).\n"
-            f"Delete {folder} and rerun with --config.prepare_data=True to prepare it again."
-        ) from None
-    shape = DATASETS[dataset].image_shape
-    images = np.stack(images).astype(np.uint8).reshape((-1, *shape))
-    return images, np.asarray(labels, dtype=np.int32)
+    records = SourceRecords(dataset, split, data_dir, prepare=prepare)
+    parts = [records.read(np.arange(start, min(start + chunk, len(records))))
+             for start in range(0, len(records), chunk)]
+    if not parts:
+        return records.read(np.zeros((0,), np.int64))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 # The subset of `balanced_subset` is drawn from this seed, never from config.seed: every run and
@@ -195,64 +325,116 @@ def balanced_subset(labels: np.ndarray, size: int, num_classes: int) -> np.ndarr
     return np.sort(np.concatenate(chosen))
 
 
-def training_data(config, images: np.ndarray, labels: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """The training split, or its `config.train_subset` examples (0: the whole split).
+def _as_records(images, labels) -> Records:
+    """`images` if it is already a `Records`, else `ArrayRecords(images, labels)`."""
+    return images if labels is None else ArrayRecords(images, labels)
+
+
+def num_classes(config) -> int:
+    """The classes a run trains on: `config.num_classes`, else all of the dataset's.
+
+    For datasets whose class count depends on how they were prepared (`DatasetInfo.num_classes`
+    is None: `cjk_glyphs`, `face_folder`), that of the prepared data.
+    """
+    if config.num_classes:
+        return config.num_classes
+    known = DATASETS[config.dataset].num_classes
+    if known is not None:
+        return known
+    return prepare_data.prepared_num_classes(config.dataset, config.data_dir)
+
+
+def first_classes(records: Records, count: int) -> Records:
+    """The examples of `records` whose label is below `count`.
 
     Raises:
-      errors.ConfigError: the split has too few examples of a class for the subset.
+      errors.ConfigError: no example has such a label, or `count` exceeds the labels present.
     """
+    labels = all_labels(records)
+    present = int(labels.max()) + 1 if len(labels) else 0
+    if count > present:
+        raise errors.ConfigError(
+            f"config.num_classes={count} exceeds the {present} classes of the prepared data")
+    return SubsetRecords(records, np.flatnonzero(labels < count))
+
+
+def training_data(config, records: Records) -> Records:
+    """The training split's examples a run trains on.
+
+    Those of the first `config.num_classes` classes (0: all), and of those the fixed
+    `config.train_subset` examples (0: all; `balanced_subset`).
+
+    Raises:
+      errors.ConfigError: the split has too few examples of a class for the subset, or fewer
+        classes than `config.num_classes`.
+    """
+    if config.num_classes:
+        records = first_classes(records, config.num_classes)
     if not config.train_subset:
-        return images, labels
+        return records
     try:
-        indices = balanced_subset(labels, config.train_subset,
-                                  DATASETS[config.dataset].num_classes)
+        indices = balanced_subset(all_labels(records), config.train_subset, num_classes(config))
     except ValueError as error:
         raise errors.ConfigError(f"config.train_subset={config.train_subset}: {error}") from None
-    return images[indices], labels[indices]
+    return SubsetRecords(records, indices)
+
+
+def test_data(config, records: Records) -> Records:
+    """The test split's examples of the classes a run trains on (`config.num_classes`)."""
+    return first_classes(records, config.num_classes) if config.num_classes else records
 
 
 class TrainBatches:
     """The process-local part of the training batch of any step.
 
     Epoch e visits the examples in the order `permutation(seed, e)`; the last incomplete batch
-    of each epoch is dropped, so `steps_per_epoch = N // global_batch_size`.
+    of each epoch is dropped, so `steps_per_epoch = N // global_batch_size`. Each call reads
+    only this process's rows of the global batch.
+
+    Args:
+      images: the examples, a `Records` (then `labels` is None), or uint8 images [N, H, W, C].
+      labels: int labels [N] of `images`, or None.
+      global_batch_size: examples per step over all processes.
+      seed: the seed of the epochs' orders.
+      process_index, process_count: this process and how many feed the batch.
     """
 
     def __init__(
         self,
-        images: np.ndarray,
-        labels: np.ndarray,
+        images: Records | np.ndarray,
+        labels: np.ndarray | None = None,
         *,
         global_batch_size: int,
         seed: int,
         process_index: int = 0,
         process_count: int = 1,
     ):
+        records = _as_records(images, labels)
         if global_batch_size % process_count:
             raise ValueError(
                 f"batch_size {global_batch_size} is not divisible by the process count "
                 f"{process_count}"
             )
-        if len(images) < global_batch_size:
+        if len(records) < global_batch_size:
             raise ValueError(
-                f"batch_size {global_batch_size} exceeds the {len(images)} training examples"
+                f"batch_size {global_batch_size} exceeds the {len(records)} training examples"
             )
-        self.images, self.labels = images, labels
+        self.records = records
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
         self.process_index = process_index
         self.seed = seed
-        self.steps_per_epoch = len(images) // global_batch_size
+        self.steps_per_epoch = len(records) // global_batch_size
         self._epoch, self._order = -1, None
 
     def order(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            self._order = np.random.default_rng((self.seed, epoch)).permutation(len(self.images))
+            self._order = np.random.default_rng((self.seed, epoch)).permutation(len(self.records))
             self._epoch = epoch
         return self._order
 
-    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def indices(self, step: int) -> np.ndarray:
+        """The indices (into the examples) of this process's rows of the batch of `step`."""
         epoch, position = divmod(step, self.steps_per_epoch)
         start = position * self.global_batch_size
         # Sort the whole global batch, then slice: row i of the global batch is the same example
@@ -260,13 +442,40 @@ class TrainBatches:
         # the process count, and with it the per-position augmentation and loss noise.)
         rows = np.sort(self.order(epoch)[start : start + self.global_batch_size])
         local = self.process_index * self.local_batch_size
-        indices = rows[local : local + self.local_batch_size]
-        return self.images[indices], self.labels[indices]
+        return rows[local : local + self.local_batch_size]
+
+    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.records.read(self.indices(step))
+
+
+class EvalBatches:
+    """The process-local (images, labels, mask) of evaluation batch i: every example once.
+
+    Batch i holds examples [i * B, (i + 1) * B); the last batch is padded to the full size
+    (with example 0) and `mask` is False on the padding.
+    """
+
+    def __init__(self, records: Records, *, global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1):
+        self.records = records
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.process_index = process_index
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.records) / self.global_batch_size)
+
+    def __call__(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        start = batch * self.global_batch_size + self.process_index * self.local_batch_size
+        indices = np.arange(start, start + self.local_batch_size)
+        mask = indices < len(self.records)
+        images, labels = self.records.read(np.where(mask, indices, 0))
+        return images, labels, mask
 
 
 def eval_batches(
-    images: np.ndarray,
-    labels: np.ndarray,
+    images: Records | np.ndarray,
+    labels: np.ndarray | None = None,
     *,
     global_batch_size: int,
     process_index: int = 0,
@@ -274,16 +483,53 @@ def eval_batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yields process-local (images, labels, mask) covering every example exactly once.
 
-    The last batch is padded to the full size; `mask` is False on the padding.
+    The last batch is padded to the full size; `mask` is False on the padding. The batches are
+    read ahead in the background (`prefetch`).
+
+    Args:
+      images: the examples, a `Records` (then `labels` is None), or uint8 images [N, H, W, C].
+      labels: int labels [N] of `images`, or None.
+      global_batch_size: examples per batch over all processes.
+      process_index, process_count: this process and how many read the batch.
     """
-    local = global_batch_size // process_count
-    for start in range(0, len(images), global_batch_size):
-        indices = np.arange(start, start + global_batch_size)[
-            process_index * local : (process_index + 1) * local
-        ]
-        mask = indices < len(images)
-        indices = np.where(mask, indices, 0)
-        yield images[indices], labels[indices], mask
+    batches = EvalBatches(_as_records(images, labels), global_batch_size=global_batch_size,
+                          process_index=process_index, process_count=process_count)
+    return prefetch(batches, 0, len(batches))
+
+
+_Item = TypeVar("_Item")
+
+# Batches read ahead of the one in use. A few are enough to hide a read behind a training step
+# (a step of the MNIST CNN on 2 CPU cores takes ~100x longer than reading its batch).
+PREFETCH_BUFFER = 4
+
+
+def prefetch(read: Callable[[int], _Item], start: int, stop: int, *,
+             buffer_size: int = PREFETCH_BUFFER, num_threads: int = 1) -> Iterator[_Item]:
+    """Yields `read(start), ..., read(stop - 1)` in order, reading ahead in background threads.
+
+    Grain's `MapDataset` over the step range: up to `buffer_size` items are read ahead by
+    `num_threads` threads. An item is a pure function of its index, so the sequence is the same
+    whatever the threads' timing; an exception raised by `read` surfaces, unchanged, where its
+    item would have been yielded.
+
+    Args:
+      read: the item of an index (e.g. a `TrainBatches`: the batch of a step).
+      start, stop: the range of indices.
+      buffer_size: items read ahead.
+      num_threads: threads reading.
+
+    Example:
+      >>> list(prefetch(lambda step: step * step, 2, 5))
+      [4, 9, 16]
+    """
+    if stop <= start:
+        return iter(())
+    import grain  # pylint: disable=g-import-not-at-top
+
+    dataset = grain.MapDataset.range(start, stop).map(read)
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=buffer_size)
+    return iter(dataset.to_iter_dataset(options))
 
 
 def normalize(images: jax.Array, dataset: str) -> jax.Array:

@@ -24,6 +24,7 @@ import dataclasses
 import gzip
 import importlib.util
 import io
+import json
 import os
 import pathlib
 from collections.abc import Iterator
@@ -35,10 +36,11 @@ from train import errors
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    num_classes: int
+    num_classes: int | None  # None: set by the preparation (see `prepared_num_classes`)
     image_shape: tuple[int, int, int]
     mean: tuple[float, ...]  # per channel, on the 0..255 scale, of the training split
     std: tuple[float, ...]
+    tfds_name: str | None = None  # the TFDS name (and config), if not the key itself
 
 
 # The datasets this project prepares and trains on: the one list that the data preparation, the
@@ -61,6 +63,52 @@ _FASHION_MNIST_FILES = {
 
 class DataUnavailableError(errors.RunError, RuntimeError):
     """A dataset is neither prepared nor obtainable; the message says how to get it."""
+
+
+def tfds_name(dataset: str) -> str:
+    """The TFDS name (with its builder config, if any) of a key of `DATASETS`."""
+    info = DATASETS.get(dataset)
+    return (info.tfds_name if info else None) or dataset
+
+
+# The file, in a prepared dataset's folder, that records how it was built (cjk_glyphs,
+# face_folder): among others "num_classes", its training classes.
+BUILD_RECORD = "build.json"
+
+
+def prepared_folder(dataset: str, data_dir: str) -> pathlib.Path:
+    """The folder of the newest prepared version of `dataset` in `data_dir`.
+
+    Raises:
+      DataUnavailableError: nothing is prepared there.
+    """
+    root = pathlib.Path(os.path.expanduser(data_dir)) / tfds_name(dataset)
+    versions = sorted(
+        (p for p in root.glob("*.*.*") if (p / "dataset_info.json").exists()),
+        key=lambda p: tuple(int(x) for x in p.name.split(".") if x.isdigit()))
+    if not versions:
+        raise DataUnavailableError(
+            f"{dataset} is not prepared in {data_dir}.\n" + how_to_obtain(dataset, data_dir))
+    return versions[-1]
+
+
+def build_record(dataset: str, data_dir: str) -> dict:
+    """The build record (`BUILD_RECORD`) of a prepared dataset.
+
+    Raises:
+      DataUnavailableError: the dataset is not prepared, or was prepared without the record.
+    """
+    path = prepared_folder(dataset, data_dir) / BUILD_RECORD
+    if not path.exists():
+        raise DataUnavailableError(
+            f"{path} is missing: the prepared {dataset} is incomplete.\n"
+            + how_to_obtain(dataset, data_dir))
+    return json.loads(path.read_text())
+
+
+def prepared_num_classes(dataset: str, data_dir: str) -> int:
+    """The training classes of a prepared dataset whose count the preparation sets."""
+    return int(build_record(dataset, data_dir)["num_classes"])
 
 
 def how_to_obtain(dataset: str, data_dir: str) -> str:
