@@ -76,10 +76,7 @@ def open_source(dataset: str, split: str, data_dir: str, *, prepare: bool = True
         # Missing data surfaces as DatasetNotFoundError, or, with download=False, as a misleading
         # NotImplementedError about TFRECORD; either way the remedy is the same.
         if not prepare:
-            raise prepare_data.DataUnavailableError(
-                f"{dataset} is not prepared in {data_dir} ({type(error).__name__}).\n"
-                + prepare_data.how_to_obtain(dataset, data_dir)
-            ) from None
+            raise prepare_data.not_prepared(dataset, data_dir, type(error).__name__) from None
     prepare_data.prepare(dataset, data_dir)
     return _open_source(dataset, split, data_dir)
 
@@ -140,9 +137,11 @@ class SourceRecords:
       prepare_data.DataUnavailableError: the split is missing, incomplete or damaged.
     """
 
+    image_shape: tuple[int, ...] | None = None  # default: the dataset's
+
     def __init__(self, dataset: str, split: str, data_dir: str, *, prepare: bool = True):
         self.dataset, self.split, self.data_dir = dataset, split, data_dir
-        self.image_shape = DATASETS[dataset].image_shape
+        self.image_shape = self.image_shape or prepare_data.dataset_info(dataset).image_shape
         self.source = open_source(dataset, split, data_dir, prepare=prepare)
         self.batched = True
         self._labels: np.ndarray | None = None
@@ -167,13 +166,17 @@ class SourceRecords:
             return list(self.source.__getitems__(indices))
         return [self.source[index] for index in indices]
 
+    def _example(self, record) -> tuple[np.ndarray, int]:
+        """The (image, label) of a record."""
+        return _decode_image(record["image"]), record["label"]
+
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         try:
-            records = self._records([int(i) for i in indices])
-            images = [_decode_image(record["image"]) for record in records]
-            labels = [record["label"] for record in records]
+            examples = [self._example(r) for r in self._records([int(i) for i in indices])]
         except (RuntimeError, OSError, ValueError) as error:
             raise _damaged(self.dataset, self.split, self.data_dir, error) from None
+        images = [image for image, _ in examples]
+        labels = [label for _, label in examples]
         images = np.stack(images).astype(np.uint8) if images else np.zeros((0,), np.uint8)
         return images.reshape((-1, *self.image_shape)), np.asarray(labels, dtype=np.int32)
 
