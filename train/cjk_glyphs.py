@@ -13,20 +13,25 @@ it is built:
      maps at least `face_min_coverage` (5%) of them, fetched with `apt-get download` and unpacked
      with `dpkg-deb -x` into a cache folder (no system-wide install).
   3. Glyphs: each face draws the characters of its character map (`glyph_render`: 32x32 uint8,
-     white on black, cropped to the ink and scaled to fit). A face is dropped whole when more
-     than `FACE_MAX_BAD_FRACTION` of its mapped characters come out blank, as a placeholder
-     (one picture for several characters) or as a FreeType error.
+     white on black, cropped to the ink and scaled to fit); blank glyphs, FreeType errors and
+     placeholders (one picture for several characters) are dropped. A face is dropped whole
+     when more than `FACE_MAX_PLACEHOLDER_FRACTION` (1%) of its mapped characters are
+     placeholders (its character map claims characters it does not draw) or more than
+     `FACE_MAX_BLANK_FRACTION` (half) come out blank or fail.
   4. Duplicates: a glyph whose image equals one already drawn for the character by an earlier
      face (in the faces' sorted order) is dropped, so renamed copies of a design (Takao = IPA,
      the Noto regional cuts of a shared ideograph) count once.
-  5. Classes: the characters with >= `min_glyphs` distinct glyphs from >= `min_families`
-     typeface families (`font_packages.family_of`), in an order shuffled with `SEED`. The first
+  5. Families: a face's family is its package's design family (`font_packages.family_of`);
+     two families whose faces draw >= `SHARED_DESIGN_FRACTION` of `probe_characters()` within
+     3/255 of each other (one design shipped twice, slightly altered) are merged into one.
+  6. Classes: the characters with >= `min_glyphs` distinct glyphs from >= `min_families`
+     families, in an order shuffled with `SEED`. The first
      `heldout_classes` are held out (split "heldout": every glyph of a character never trained
      on); the others are the training classes, labelled 0..T-1 in that order, so the first K
      labels (`config.num_classes=K`) are a random set of K characters.
-  6. Closed-set test: `test_fraction` of each training class's glyphs (at least one), drawn
+  7. Closed-set test: `test_fraction` of each training class's glyphs (at least one), drawn
      with `SEED`, form the split "test"; the rest form "train".
-  7. Pairs: 10 folds of `pairs_per_fold` pairs of held-out glyphs, half same-character, every
+  8. Pairs: 10 folds of `pairs_per_fold` pairs of held-out glyphs, half same-character, every
      pair's two glyphs from two different families, the folds disjoint in characters
      (`verification_pairs.sample_pairs`), stored as `pairs.json` beside the data.
 
@@ -58,7 +63,10 @@ from train import font_packages, glyph_render, verification_pairs
 # The seed of the class order, the test glyphs and the pairs: the dataset is a function of the
 # package versions alone.
 SEED = 20171117
-FACE_MAX_BAD_FRACTION = 0.01
+FACE_MAX_PLACEHOLDER_FRACTION = 0.01
+FACE_MAX_BLANK_FRACTION = 0.5
+SHARED_DESIGN_FRACTION = 0.25
+NEAR_IDENTICAL = 3.0  # mean absolute difference (0..255) under which two glyphs are one design
 SPLITS = ("train", "test", "heldout")
 
 # (codec, lead bytes, trail bytes) of the double-byte rows that hold each standard's Han
@@ -135,6 +143,12 @@ class Glyphs:
     pixel_square_sums: list[float] = dataclasses.field(default_factory=list)
 
 
+def probe_characters(count: int = 64) -> list[int]:
+    """Characters of all four standards, evenly spaced: the sample that compares two faces."""
+    common = sorted(set.intersection(*(standard_characters(s) for s in _STANDARDS)))
+    return common[:: len(common) // count][:count]
+
+
 def render_glyphs(faces: Sequence[font_packages.Face], folders: dict[str, pathlib.Path],
                   codepoints: Sequence[int], *, size: int = 32, min_characters: int = 500,
                   processes: int | None = None, log: Callable[[str], None] = print
@@ -151,10 +165,13 @@ def render_glyphs(faces: Sequence[font_packages.Face], folders: dict[str, pathli
       log: progress lines.
 
     Returns:
-      (the kept glyphs, one report per face: its counts and, if dropped, why).
+      (the kept glyphs, one report per face: its counts, its family after merging shared
+      designs, and, if dropped, why).
     """
-    tasks = [(str(folders[f.package] / f.path), f.index, list(codepoints), size) for f in faces]
-    glyphs, reports = Glyphs(), []
+    probes = probe_characters()
+    tasks = [(str(folders[f.package] / f.path), f.index, list(codepoints), size, probes)
+             for f in faces]
+    glyphs, reports, face_probes = Glyphs(), [], []
     seen: set[tuple[int, bytes]] = set()
     # spawn: the parent may have JAX's threads running (data prepared on first use by a run),
     # which a fork would copy in an unknown state.
@@ -162,17 +179,11 @@ def render_glyphs(faces: Sequence[font_packages.Face], folders: dict[str, pathli
     with context.Pool(processes or os.cpu_count()) as pool:
         for number, (face, drawn) in enumerate(
                 zip(faces, pool.imap(glyph_render.render_face_encoded, tasks)), 1):
-            bad = drawn.blank + drawn.placeholder + drawn.failed
             report = {"face": face.id, "name": face.name, "family": face.family,
                       "covered": drawn.covered, "blank": drawn.blank,
                       "placeholder": drawn.placeholder, "failed": drawn.failed,
-                      "kept": 0, "duplicates": 0, "dropped": None}
-            if drawn.covered < min_characters:
-                report["dropped"] = f"maps {drawn.covered} < {min_characters} characters"
-            elif bad > FACE_MAX_BAD_FRACTION * drawn.covered:
-                report["dropped"] = (f"{bad} of {drawn.covered} mapped characters blank, "
-                                     "placeholders or FreeType errors")
-            else:
+                      "kept": 0, "duplicates": 0, "dropped": _drop_reason(drawn, min_characters)}
+            if report["dropped"] is None:
                 for i, codepoint in enumerate(drawn.codepoints.tolist()):
                     key = (codepoint, drawn.digests[i])
                     if key in seen:
@@ -186,9 +197,60 @@ def render_glyphs(faces: Sequence[font_packages.Face], folders: dict[str, pathli
                     glyphs.pixel_square_sums.append(float(drawn.pixel_square_sums[i]))
                     report["kept"] += 1
             reports.append(report)
+            face_probes.append(drawn.probes if report["dropped"] is None else {})
             if number % 25 == 0 or number == len(faces):
                 log(f"rendered {number}/{len(faces)} faces, {len(glyphs.pngs)} distinct glyphs")
+    merge_shared_designs(reports, face_probes)
     return glyphs, reports
+
+
+def _drop_reason(drawn: glyph_render.EncodedFace, min_characters: int) -> str | None:
+    if drawn.covered < min_characters:
+        return f"maps {drawn.covered} < {min_characters} characters"
+    if drawn.placeholder > FACE_MAX_PLACEHOLDER_FRACTION * drawn.covered:
+        return f"{drawn.placeholder} of {drawn.covered} mapped characters drawn as placeholders"
+    if drawn.blank + drawn.failed > FACE_MAX_BLANK_FRACTION * drawn.covered:
+        return (f"{drawn.blank + drawn.failed} of {drawn.covered} mapped characters blank or "
+                "FreeType errors")
+    return None
+
+
+def merge_shared_designs(reports: list[dict], face_probes: list[dict[int, np.ndarray]],
+                         *, min_common: int = 16) -> list[tuple[str, str, float]]:
+    """Merges the families of faces that draw the same design (see the module doc, step 5).
+
+    Two faces of different families whose common probe glyphs are near-identical
+    (`NEAR_IDENTICAL`) for at least `SHARED_DESIGN_FRACTION` of them join their families; the
+    merged family takes the alphabetically first name. Updates each report's "family" in place
+    (its package's family stays in "package_family").
+
+    Returns:
+      The merges: (family, family, fraction of near-identical probes).
+    """
+    parent: dict[str, str] = {}
+
+    def root(family: str) -> str:
+        while parent.get(family, family) != family:
+            family = parent[family]
+        return family
+
+    merges = []
+    for i, first in enumerate(face_probes):
+        for j in range(i + 1, len(face_probes)):
+            a, b = root(reports[i]["family"]), root(reports[j]["family"])
+            common = sorted(first.keys() & face_probes[j].keys())
+            if a == b or len(common) < min_common:
+                continue
+            differences = [np.abs(first[c].astype(np.int16) - face_probes[j][c]).mean()
+                           for c in common]
+            fraction = float(np.mean(np.asarray(differences) < NEAR_IDENTICAL))
+            if fraction >= SHARED_DESIGN_FRACTION:
+                parent[max(a, b)] = min(a, b)
+                merges.append((reports[i]["family"], reports[j]["family"], fraction))
+    for report in reports:
+        report["package_family"] = report["family"]
+        report["family"] = root(report["family"])
+    return merges
 
 
 @dataclasses.dataclass
@@ -335,6 +397,8 @@ def build_record(config: str, options: BuildOptions, folders: dict[str, pathlib.
         "distinct_glyphs": len(glyphs.pngs),
         "faces_rendered": len(reports), "faces_kept": len(kept_faces),
         "families_kept": len({r["family"] for r in kept_faces}),
+        "merged_families": {r["package_family"]: r["family"] for r in reports
+                            if r["package_family"] != r["family"]},
         "pairs": {"count": len(layout.pairs), "folds": layout.pairs.num_folds,
                   "same": int(layout.pairs.same.sum())},
         "train_mean": mean, "train_std": math.sqrt(max(square - mean * mean, 0.0)),

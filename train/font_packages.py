@@ -31,13 +31,15 @@ _FAMILY_OF_PACKAGE = {
     "fonts-nanum-extra": "fonts-nanum",
     "fonts-nanum-eco": "fonts-nanum",
     "fonts-unfonts-extra": "fonts-unfonts-core",
-    "fonts-umeplus-cl": "fonts-umeplus",
+    "fonts-umeplus-cl": "fonts-umefont",  # Ume's kanji, like fonts-umeplus
     "fonts-takao-gothic": "fonts-ipafont",  # Takao is IPA's outlines renamed
     "fonts-takao-mincho": "fonts-ipafont",
     "fonts-ipafont-gothic": "fonts-ipafont",
     "fonts-ipafont-mincho": "fonts-ipafont",
     "fonts-ipaexfont-gothic": "fonts-ipafont",  # IPAex derives from IPA
     "fonts-ipaexfont-mincho": "fonts-ipafont",
+    "fonts-ipamj-mincho": "fonts-ipafont",  # 95% of its glyphs within 3/255 of IPA Mincho's
+    "fonts-monapo": "fonts-ipafont",  # IPA P Gothic's kanji with Mona's other glyphs
     "fonts-yozvox-yozfont-antique": "fonts-yozvox-yozfont",
     "fonts-yozvox-yozfont-cute": "fonts-yozvox-yozfont",
     "fonts-yozvox-yozfont-edu": "fonts-yozvox-yozfont",
@@ -67,9 +69,11 @@ _FAMILY_OF_PACKAGE = {
     "fonts-horai-umefont": "fonts-umefont",
     "fonts-umeplus": "fonts-umefont",  # Ume's kanji with M+ kana
     "fonts-komatuna": "fonts-konatu",  # Konatu's kanji with M+ kana
-    "fonts-migmix": "fonts-mplus",  # M+ with IPA's kanji where M+ has none
+    "fonts-migmix": "fonts-vlgothic",  # both carry the older M+ kanji (97% near-identical)
     "fonts-ricty-diminished": "fonts-mplus",  # Circle M+ 1m's kanji
-    "fonts-monapo": "fonts-mona",
+    "fonts-lxgw-wenkai": "fonts-klee",  # LXGW WenKai is derived from Klee One
+    "fonts-babelstone-han": "fonts-arphic",  # BabelStone Han builds on the AR PL fonts
+    "fonts-naver-d2coding": "fonts-nanum",  # the same foundry's hanja
 }
 
 # Every Debian package (bookworm) with a face that covers >= 500 of the 10,563 characters, less

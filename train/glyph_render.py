@@ -146,10 +146,14 @@ class EncodedFace:
     failed: int
     pixel_sums: np.ndarray  # float64 [n]: each glyph's sum of pixels, and of their squares
     pixel_square_sums: np.ndarray  # (for the training split's mean and standard deviation)
+    probes: dict[int, np.ndarray]  # the images of the requested probe characters it drew
 
 
-def render_face_encoded(task: tuple[str, int, list[int], int]) -> EncodedFace:
-    """`render_face` for a worker process: (path, index, codepoints, size) -> PNG-encoded glyphs.
+def render_face_encoded(task: tuple[str, int, list[int], int, list[int]]) -> EncodedFace:
+    """`render_face` for a worker process: PNG-encoded glyphs, and the raw images of probes.
+
+    Args:
+      task: (path, index, codepoints, size, probe code points).
 
     Encoding in the worker keeps the parent's memory at the PNG bytes of the kept glyphs.
     """
@@ -157,8 +161,9 @@ def render_face_encoded(task: tuple[str, int, list[int], int]) -> EncodedFace:
 
     from train import prepare_data  # pylint: disable=g-import-not-at-top
 
-    path, index, codepoints, size = task
+    path, index, codepoints, size, probes = task
     glyphs = render_face(path, index, codepoints, size=size)
+    wanted = set(probes)
     pixels = glyphs.images.reshape(len(glyphs.images), size * size).astype(np.float64)
     return EncodedFace(
         codepoints=glyphs.codepoints,
@@ -166,4 +171,6 @@ def render_face_encoded(task: tuple[str, int, list[int], int]) -> EncodedFace:
         pngs=[prepare_data.encode_png(image[..., None]) for image in glyphs.images],
         covered=glyphs.covered, blank=glyphs.blank, placeholder=glyphs.placeholder,
         failed=glyphs.failed, pixel_sums=pixels.sum(axis=1),
-        pixel_square_sums=np.square(pixels).sum(axis=1))
+        pixel_square_sums=np.square(pixels).sum(axis=1),
+        probes={int(c): image for c, image in zip(glyphs.codepoints, glyphs.images)
+                if int(c) in wanted})

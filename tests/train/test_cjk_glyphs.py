@@ -59,6 +59,21 @@ def test_render_keeps_drawn_glyphs_and_drops_blanks_and_placeholders(tmp_path):
     assert len({image.tobytes() for image in glyphs.images}) == 9
 
 
+def test_faces_drawing_one_design_share_a_family():
+    rng = np.random.default_rng(0)
+    design = {c: rng.integers(0, 256, (32, 32), dtype=np.uint8) for c in range(20)}
+    other = {c: rng.integers(0, 256, (32, 32), dtype=np.uint8) for c in range(20)}
+    altered = {c: np.clip(image.astype(int) + (c % 2), 0, 255).astype(np.uint8)
+               for c, image in design.items()}  # within 1/255: the same design
+    fresh = {c: rng.integers(0, 256, (32, 32), dtype=np.uint8) for c in range(20)}
+    half = {c: design[c] if c < 4 else fresh[c] for c in range(20)}  # 20% shared: not merged
+    reports = [{"family": f} for f in ("b-family", "a-family", "c-family", "d-family")]
+    cjk_glyphs.merge_shared_designs(reports, [design, altered, other, half])
+    assert [r["family"] for r in reports] == ["a-family", "a-family", "c-family", "d-family"]
+    assert [r["package_family"] for r in reports] == ["b-family", "a-family", "c-family",
+                                                      "d-family"]
+
+
 FONTS = [  # (package, style, kind)
     ("fonts-test-a", 0, "normal"), ("fonts-test-b", 1, "normal"),
     ("fonts-test-c", 2, "normal"), ("fonts-test-d", 3, "normal"),
