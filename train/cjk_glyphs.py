@@ -456,6 +456,9 @@ def builder_class():
             (folder / "build.json").write_text(json.dumps(built.record, indent=1,
                                                           ensure_ascii=False))
             verification_pairs.save_pairs(built.layout.pairs, folder)
+            for split in SPLITS:  # the labels without reading every record (input_pipeline)
+                np.save(folder / f"labels-{split}.npy",
+                        built.layout.labels[built.layout.splits[split]].astype(np.int32))
             return {split: self._generate_examples(built, split) for split in SPLITS}
 
         def _generate_examples(self, built, split):

@@ -191,6 +191,7 @@ def face_folder_builder_class():
             self._record = {"dataset": "face_folder", "num_classes": len(identities),
                             "source_dir": str(root), "crop_fraction": self.crop_fraction,
                             "image_size": IMAGE_SIZE, "examples": {}, "unreadable": 0}
+            self._labels = {"train": [], "test": []}
             return {split: self._generate_examples(
                         [(label[identity], identity, path)
                          for (identity, path), test in zip(images, is_test)
@@ -209,14 +210,17 @@ def face_folder_builder_class():
                         self._record["unreadable"] += 1
                         continue
                     yield key, {"image": jpeg, "label": label, "file": f"{identity}/{path.name}"}
+                    self._labels[split].append(label)
                     key += 1
             self._record["examples"][split] = key
 
         def _download_and_prepare(self, dl_manager, download_config=None):
             super()._download_and_prepare(dl_manager, download_config=download_config)
             # Still the folder being written: the record lands with the records, atomically.
-            (pathlib.Path(self.data_dir) / prepare_data.BUILD_RECORD).write_text(
-                json.dumps(self._record, indent=1))
+            folder = pathlib.Path(self.data_dir)
+            (folder / prepare_data.BUILD_RECORD).write_text(json.dumps(self._record, indent=1))
+            for split, labels in self._labels.items():  # read by input_pipeline.all_labels
+                np.save(folder / f"labels-{split}.npy", np.asarray(labels, np.int32))
 
     return FaceFolder
 

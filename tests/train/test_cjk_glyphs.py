@@ -127,6 +127,9 @@ def test_build_splits_by_class_and_holds_out_test_glyphs(tiny_build):
         glyph_images = [r["image"].tobytes() for s in (train, test) for r in s
                         if int(r["label"]) == label]
         assert len(glyph_images) == len(set(glyph_images)) == 4
+    folder = prepare_data.prepared_folder("cjk_glyphs_lean", data_dir)
+    for split in cjk_glyphs.SPLITS:  # the stored labels are the records' labels
+        np.testing.assert_array_equal(np.load(folder / f"labels-{split}.npy"), labels[split])
     names = tfds.builder("cjk_glyphs/lean", data_dir=data_dir).info.features["label"].names
     assert sorted(ord(n) for n in names) == codepoints
     assert {r["family"].decode() for r in heldout} == {f"fonts-test-{x}" for x in "abcd"}
@@ -164,6 +167,15 @@ def test_build_is_a_function_of_the_fonts(tiny_build):
     record = prepare_data.build_record("cjk_glyphs_lean", str(root / "tfds"))
     assert again.record["classes"] == record["classes"]
     assert again.record["train_mean"] == pytest.approx(record["train_mean"])
+
+
+def test_all_labels_come_from_the_stored_file_without_reading_the_records(tiny_build,
+                                                                           monkeypatch):
+    root, _, _ = tiny_build
+    records = input_pipeline.SourceRecords("cjk_glyphs_lean", "train", str(root / "tfds"))
+    expected = np.array([int(r["label"]) for r in _split(str(root / "tfds"), "train")])
+    monkeypatch.setattr(records, "_records", lambda keys: pytest.fail("read the records"))
+    np.testing.assert_array_equal(records.all_labels(), expected)
 
 
 def test_training_reads_the_first_classes_of_the_prepared_data(tiny_build):
@@ -237,3 +249,22 @@ def test_lean_set_is_fetched_rendered_and_prepared(tmp_path):
     mean, _, _ = pixel_baseline.ten_fold_accuracy(scores, pairs.same, pairs.fold)
     assert 0.6 < mean < 0.95  # far from chance and from perfect: room for a learned embedding
     json.dumps(record)  # the record is plain JSON
+
+
+@pytest.mark.slow
+def test_cjk_config_trains_on_the_first_classes_of_the_prepared_data(tiny_build, tmp_path):
+    from tests.train import test_main
+
+    root, _, _ = tiny_build
+    command = [sys.executable, "-m", "train", "--config", "train/configs/cjk_glyphs.py:lean",
+               "--workdir", str(tmp_path / "w"), f"--config.data_dir={root / 'tfds'}",
+               "--config.prepare_data=False", "--config.progress_bar=False",
+               "--config.num_classes=12", "--config.num_steps=6", "--config.batch_size=8",
+               "--config.eval_batch_size=8", "--config.log_every_steps=3"]
+    done = subprocess.run(command, cwd=test_main.REPO, env=test_main.environment(),
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert results["dataset"] == "cjk_glyphs_lean" and results["steps"] == 6
+    # 12 classes of 3 training glyphs: 36 examples, 4 steps an epoch; the run spans 2 epochs.
+    assert 0 <= results["test_accuracy"] <= 1

@@ -79,6 +79,8 @@ def test_face_folder_labels_identities_and_holds_out_one_image_each(prepared):
     labels = [int(train[i]["label"]) for i in range(len(train))]
     assert labels == sorted(labels) and np.bincount(labels).tolist() == [4, 3, 2, 3, 5]
     assert sorted(int(test[i]["label"]) for i in range(len(test))) == [0, 1, 4]
+    folder = prepare_data.prepared_folder("face_folder", prepared)
+    np.testing.assert_array_equal(np.load(folder / "labels-train.npy"), labels)
     assert train[0]["image"].shape == (112, 112, 3)
     files = {train[i]["file"].decode() for i in range(len(train))} | {
         test[i]["file"].decode() for i in range(len(test))}
