@@ -1,16 +1,23 @@
 """Streaming input vs the whole split in host memory: training images/s and peak host memory.
 
 Each run is `python -m train` on the default config (the small MNIST CNN) for `--steps` steps in
-a fresh process, with single-threaded XLA (as the determinism tests run it). "stream" is the
-default input (each batch read from the split's `tfds.data_source`, Grain prefetch);
-"memory" decodes both splits into host memory first (`input_pipeline.cached_splits()`, the path
-every run took before streaming). The modes run in alternation, `--repeats` times each; the
-table gives each mode's median images/s (training time only, from results.json), the median of
-the per-round ratios stream / memory, the peak resident memory of each process (from
-`wait4`'s rusage) and the params_sha256 of every run (the modes train on the same batches).
+a fresh process, with single-threaded XLA (as the determinism tests run it), in one of the modes
+
+  stream    every batch read from the split's `tfds.data_source` (`--config.in_memory_max_mib=0`),
+            prefetched by a Grain thread;
+  memory    both splits decoded into host memory first (`in_memory_max_mib` unbounded), as every
+            run did before streaming;
+  default   the default `in_memory_max_mib` (256: MNIST in memory, 10x MNIST streamed);
+  baseline  `python -m train` of another checkout (`--baseline_repo`, e.g. the main branch).
+
+The modes run in alternation, `--repeats` rounds; the table gives each mode's median images/s
+(training time only, from results.json), the median of the per-round ratios to the first mode,
+the peak resident memory of each process (`wait4`'s rusage) and the distinct params_sha256 (the
+modes train on the same batches, so there is one).
 
     python benchmarks/input_pipeline_bench.py --data_dir ~/tensorflow_datasets
-    python benchmarks/input_pipeline_bench.py --data_dir D --steps 50 --repeats 1 --json out.json
+    python benchmarks/input_pipeline_bench.py --modes baseline,stream,default \
+        --baseline_repo ../main --data_dir D --json out.json
 
 For memory that stays flat as the data grows, run it on a data_dir whose `mnist` has 10x the
 examples (a CSV of the training split repeated ten times, prepared with
@@ -29,26 +36,22 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-_RUN = """
-import contextlib, sys
-from absl import app
-from train import input_pipeline, main
-context = input_pipeline.cached_splits() if sys.argv.pop(1) == "memory" else contextlib.nullcontext()
-with context:
-    app.run(main.main, flags_parser=main.parse_flags)
-"""
+MODE_FLAGS = {"stream": ["--config.in_memory_max_mib=0"],
+              "memory": ["--config.in_memory_max_mib=1000000"], "default": [], "baseline": []}
 
 
-def run(mode: str, data_dir: str, steps: int, workdir: str) -> dict:
+def run(mode: str, data_dir: str, steps: int, workdir: str, baseline_repo: str | None) -> dict:
     """One training run in a fresh process: its results.json and peak RSS (MiB)."""
-    command = [sys.executable, "-c", _RUN, mode, "--config", "train/configs/default.py",
+    command = [sys.executable, "-m", "train", "--config", "train/configs/default.py",
                "--workdir", workdir, f"--config.data_dir={data_dir}",
                f"--config.num_steps={steps}", "--config.progress_bar=False",
-               "--config.prepare_data=False", f"--config.log_every_steps={min(50, steps)}"]
+               "--config.prepare_data=False", f"--config.log_every_steps={min(50, steps)}",
+               *MODE_FLAGS[mode]]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+    env.pop("PYTHONPATH", None)
+    cwd = baseline_repo if mode == "baseline" else REPO
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     stderr = process.stderr.read()
     _, status, usage = os.wait4(process.pid, 0)
@@ -64,27 +67,30 @@ def main():
     parser.add_argument("--data_dir", default="~/tensorflow_datasets")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", default="stream,memory")
+    parser.add_argument("--modes", default="memory,stream,default")
+    parser.add_argument("--baseline_repo", help="the checkout that mode 'baseline' runs")
     parser.add_argument("--json", help="also write the runs here")
     args = parser.parse_args()
     modes = args.modes.split(",")
+    if "baseline" in modes and not args.baseline_repo:
+        parser.error("mode 'baseline' needs --baseline_repo")
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory(prefix="input_pipeline_bench_") as scratch:
         for repeat in range(args.repeats):
             for mode in modes:
                 workdir = os.path.join(scratch, f"{mode}_{repeat}")
                 runs[mode].append(run(mode, os.path.expanduser(args.data_dir), args.steps,
-                                      workdir))
+                                      workdir, args.baseline_repo))
                 print(f"round {repeat}: {mode}: {runs[mode][-1]}", flush=True)
-    print(f"\n{args.steps} steps of train/configs/default.py, data_dir {args.data_dir}")
-    print(f"{'mode':8} {'median images/s':>16} {'peak RSS MiB (max)':>19}")
+    first = modes[0]
+    print(f"\n{args.steps} steps of train/configs/default.py, data_dir {args.data_dir}, "
+          f"{args.repeats} rounds")
+    print(f"{'mode':9} {'median images/s':>16} {'ratio to ' + first:>18} {'peak RSS MiB':>13}")
     for mode in modes:
-        print(f"{mode:8} {statistics.median(r['images_per_sec'] for r in runs[mode]):16.1f} "
-              f"{max(r['peak_rss_mib'] for r in runs[mode]):19.0f}")
-    if {"stream", "memory"} <= set(runs):
-        ratios = [s["images_per_sec"] / m["images_per_sec"]
-                  for s, m in zip(runs["stream"], runs["memory"])]
-        print(f"median per-round ratio stream / memory: {statistics.median(ratios):.3f}")
+        ratio = statistics.median(r["images_per_sec"] / b["images_per_sec"]
+                                  for r, b in zip(runs[mode], runs[first]))
+        print(f"{mode:9} {statistics.median(r['images_per_sec'] for r in runs[mode]):16.1f} "
+              f"{ratio:18.3f} {max(r['peak_rss_mib'] for r in runs[mode]):13.0f}")
     fingerprints = {r["params_sha256"] for rs in runs.values() for r in rs}
     print(f"distinct params_sha256: {len(fingerprints)} ({', '.join(sorted(fingerprints))})")
     if args.json:

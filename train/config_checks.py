@@ -24,6 +24,7 @@ NON_TRAJECTORY_KEYS = frozenset(
     {
         "data_dir",
         "prepare_data",
+        "in_memory_max_mib",
         "eval_batch_size",
         "log_every_steps",
         "eval_every_steps",
@@ -166,6 +167,8 @@ def validate_config(
         "0 (every class) or the number of classes to train on"
         + (f", at most the {known_classes} of {config.dataset}" if known_classes else ""),
     )
+    _check(config.in_memory_max_mib >= 0, "in_memory_max_mib", config.in_memory_max_mib,
+           ">= 0 (0: always read the batches from disk)")
     classes = config.num_classes or known_classes
     _check(
         isinstance(config.train_subset, int)

@@ -245,12 +245,16 @@ def train_and_evaluate(
     with files.partial_writes_removed_on_disk_full(workdir, enabled=is_writer):
         if is_writer:
             prepare_workdir(config, workdir)
-        # Data: read batch by batch from the prepared splits (in memory inside cached_splits());
-        # each process reads only its slice of every batch.
-        train_records = input_pipeline.training_data(config, input_pipeline.open_split(
-            config.dataset, "train", config.data_dir, prepare=config.prepare_data))
-        test_records = input_pipeline.test_data(config, input_pipeline.open_split(
-            config.dataset, "test", config.data_dir, prepare=config.prepare_data))
+        # Data: small splits decoded into host memory, large ones read batch by batch from disk
+        # (config.in_memory_max_mib); each process reads only its slice of every batch.
+        train_records = input_pipeline.in_memory(input_pipeline.training_data(
+            config, input_pipeline.open_split(config.dataset, "train", config.data_dir,
+                                              prepare=config.prepare_data)),
+            config.in_memory_max_mib)
+        test_records = input_pipeline.in_memory(input_pipeline.test_data(
+            config, input_pipeline.open_split(config.dataset, "test", config.data_dir,
+                                              prepare=config.prepare_data)),
+            config.in_memory_max_mib)
         batches = input_pipeline.TrainBatches(
             train_records, global_batch_size=config.batch_size, seed=config.seed,
             process_index=jax.process_index(), process_count=jax.process_count())

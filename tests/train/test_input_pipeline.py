@@ -247,3 +247,17 @@ def test_training_data_keeps_the_first_classes_and_then_a_balanced_subset():
     assert input_pipeline.test_data(_config(), records) is records
     with pytest.raises(input_pipeline.errors.ConfigError, match="exceeds the 5 classes"):
         input_pipeline.training_data(_config(num_classes=6), records)
+
+
+def test_in_memory_decodes_small_splits_once_and_leaves_large_ones_on_disk(tiny_mnist):
+    records = input_pipeline.SourceRecords("mnist", "train", tiny_mnist, prepare=False)
+    # 12 images of 784 bytes: 9408 bytes, 0.009 MiB.
+    assert input_pipeline.in_memory(records, 0.008) is records
+    assert input_pipeline.in_memory(records, 0) is records
+    decoded = input_pipeline.in_memory(records, 0.009, chunk=5)
+    assert isinstance(decoded, input_pipeline.ArrayRecords)
+    whole = input_pipeline.load_split("mnist", "train", tiny_mnist, prepare=False)
+    np.testing.assert_array_equal(decoded.images, whole[0])
+    np.testing.assert_array_equal(decoded.labels, whole[1])
+    subset = input_pipeline.SubsetRecords(records, np.array([7, 2]))
+    np.testing.assert_array_equal(input_pipeline.in_memory(subset, 1).images, whole[0][[7, 2]])

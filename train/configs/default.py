@@ -22,6 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
     # 0..K-1; for cjk_glyphs, whose training classes are numbered in a fixed random order, a
     # random fixed choice of K classes.
     config.num_classes = 0
+    # A split (after num_classes and train_subset) whose decoded images take at most this many
+    # MiB is decoded into host memory once; a larger one is read batch by batch from disk,
+    # prefetched in the background (input_pipeline.in_memory). 0: always read from disk. The
+    # batches are the same either way.
+    config.in_memory_max_mib = 256
 
     # Model.
     config.model = "small_cnn"  # small_cnn | vgg_mnist | vgg_cifar
