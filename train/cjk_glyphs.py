@@ -25,10 +25,10 @@ it is built:
      two families whose faces draw >= `SHARED_DESIGN_FRACTION` of `probe_characters()` within
      3/255 of each other (one design shipped twice, slightly altered) are merged into one.
   6. Classes: the characters with >= `min_glyphs` distinct glyphs from >= `min_families`
-     families, in an order shuffled with `SEED`. The first
-     `heldout_classes` are held out (split "heldout": every glyph of a character never trained
-     on); the others are the training classes, labelled 0..T-1 in that order, so the first K
-     labels (`config.num_classes=K`) are a random set of K characters.
+     families, in an order shuffled with `SEED`. The first `heldout_classes` are held out
+     (split "heldout": every glyph of a character never trained on); the others are the
+     training classes, labelled 0..T-1 in that order, so the first K labels
+     (`config.num_classes=K`) are a random set of K characters.
   7. Closed-set test: `test_fraction` of each training class's glyphs (at least one), drawn
      with `SEED`, form the split "test"; the rest form "train".
   8. Pairs: 10 folds of `pairs_per_fold` pairs of held-out glyphs, half same-character, every
@@ -37,12 +37,15 @@ it is built:
 
 The records of each split are stored in order (by label, then face): record i of "heldout" is
 what `pairs.json` calls example i. Every example carries its `label`, its typeface `family`
-and its `face` ("<package>/<font file>#<index>"). `build.json` beside the data records the
-package versions and licences, each face's counts (and why a face was dropped), the class and
-glyph counts and the time the rendering took.
+and its `face` ("<package>/<font file>#<index>"). Beside the data, `labels-<split>.npy` holds
+each split's labels, and `build.json` the package versions and licences, each face's counts
+(and why a face was dropped), the class and glyph counts and the time the rendering took.
 
 Two builder configs: "full" (`FULL_PACKAGES`, every class that qualifies) and "lean"
-(`LEAN_PACKAGES`, 600 classes: what CI downloads and prepares in about a minute).
+(`LEAN_PACKAGES`, 600 classes: what CI downloads and prepares in about a minute). The full
+build (Debian bookworm, measured): 9,563 training and 1,000 held-out classes, 932,221 distinct
+glyphs (27-171 per class, median 94) from 187 faces in 25 families, 757 MB on disk; its
+raw-pixel cosine baseline on the pairs (`train/pixel_baseline.py`) is 0.8005 +- 0.0185.
 """
 
 from __future__ import annotations

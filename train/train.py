@@ -286,8 +286,8 @@ def train_and_evaluate(
 
         with preemption.PreemptionGuard() as guard:
             try:
-                # The batches of the coming steps are read ahead, in background threads.
-                batch_of_step = input_pipeline.prefetch(batches, start_step, num_steps)
+                # Batches read from disk are read ahead, in a background thread.
+                batch_of_step = input_pipeline.read_ahead(batches, start_step, num_steps)
                 for step, batch in zip(range(start_step, num_steps), batch_of_step):
                     state, metrics = jitted.train_step(state, *jitted.global_batch(*batch))
                     train_log.add(metrics)
