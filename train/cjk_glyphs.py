@@ -42,7 +42,7 @@ each split's labels, and `build.json` the package versions and licences, each fa
 (and why a face was dropped), the class and glyph counts and the time the rendering took.
 
 Two builder configs: "full" (`FULL_PACKAGES`, every class that qualifies) and "lean"
-(`LEAN_PACKAGES`, 600 classes: what CI downloads and prepares in about a minute). The full
+(`LEAN_PACKAGES`, 600 classes: what CI downloads and prepares in 10-40 s). The full
 build (Debian bookworm, measured): 9,563 training and 1,000 held-out classes, 932,221 distinct
 glyphs (27-171 per class, median 94) from 187 faces in 25 families, 757 MB on disk; its
 raw-pixel cosine baseline on the pairs (`train/pixel_baseline.py`) is 0.8005 +- 0.0185.

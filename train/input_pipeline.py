@@ -186,7 +186,7 @@ class SourceRecords:
         """The int32 labels [N] of the whole split (read once, without decoding the images).
 
         From the split's `labels-<split>.npy` where the preparation wrote one (cjk_glyphs,
-        face_folder: reading 10^6 records for their labels takes about a minute).
+        face_folder: reading the labels of cjk_glyphs' 759k training records takes ~35 s).
         """
         if self._labels is not None:
             return self._labels

@@ -164,7 +164,7 @@ def how_to_obtain(dataset: str, data_dir: str) -> str:
             "(header row, then label and 784 pixels per row)."
         )
     if dataset in ("cjk_glyphs", "cjk_glyphs_lean"):
-        size = "790 MB" if dataset == "cjk_glyphs" else "50 MB"
+        size = "782 MB" if dataset == "cjk_glyphs" else "39 MB"
         return (
             f"{dataset} is rendered from Debian's font packages ({size} of .deb files, fetched "
             "with apt-get download into <data_dir>/downloads/cjk_fonts; nothing is installed). "

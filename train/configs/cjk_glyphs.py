@@ -5,7 +5,7 @@ choice of characters; 32x32 grayscale glyphs, about 70 per class) and evaluates 
 accuracy on their held-out glyphs. The held-out characters and their LFW-style pairs
 (`train.verification_pairs.verification_data("cjk_glyphs", data_dir)`) are the open-set
 verification benchmark. The data is rendered on first use (`python -m train.prepare_data
---dataset cjk_glyphs`; about 790 MB of Debian packages, nothing installed).
+--dataset cjk_glyphs`; 782 MB of Debian packages, nothing installed).
 
 Append `:lean` to the config path for CI's shrink of the same pipeline: the 14-package
 `cjk_glyphs_lean` (500 training classes) and a few hundred steps.
