@@ -137,7 +137,7 @@ def _encode_file(task: tuple[str, int, float]) -> bytes | None:
     return buffer.getvalue()
 
 
-def test_choice(identities: Sequence[str]) -> np.ndarray:
+def held_out_choice(identities: Sequence[str]) -> np.ndarray:
     """bool [N]: which images (sorted by identity) form the split "test" (see module doc)."""
     identities = np.asarray(identities)
     is_test = np.zeros(len(identities), bool)
@@ -187,7 +187,7 @@ def face_folder_builder_class():
             identities = sorted({identity for identity, _ in images})
             self.info.features["label"].names = identities
             label = {identity: i for i, identity in enumerate(identities)}
-            is_test = test_choice([identity for identity, _ in images])
+            is_test = held_out_choice([identity for identity, _ in images])
             self._record = {"dataset": "face_folder", "num_classes": len(identities),
                             "source_dir": str(root), "crop_fraction": self.crop_fraction,
                             "image_size": IMAGE_SIZE, "examples": {}, "unreadable": 0}

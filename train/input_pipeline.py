@@ -433,7 +433,7 @@ def training_data(config, records: Records) -> Records:
     return SubsetRecords(records, indices)
 
 
-def test_data(config, records: Records) -> Records:
+def evaluation_data(config, records: Records) -> Records:
     """The test split's examples of the classes a run trains on (`config.num_classes`)."""
     return first_classes(records, config.num_classes) if config.num_classes else records
 

@@ -40,21 +40,30 @@ def cosine_scores(left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 
 def best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
-    """The threshold t maximising the accuracy of "same iff score > t" (the lowest such t).
+    """The threshold t maximising the accuracy of "same iff score > t".
 
-    The candidates are the scores themselves and one below the lowest: every distinct
-    classification of the pairs is reached by one of them.
+    Of the cuts between consecutive distinct scores that reach the best accuracy, the lowest;
+    t is the midpoint of the two scores around it (one below the lowest score when every pair
+    is called "same", one above the highest when none is).
+
+    Example:
+      >>> best_threshold(np.array([0.1, 0.4, 0.6, 0.9]), np.array([False, False, True, True]))
+      0.5
     """
     order = np.argsort(scores, kind="stable")
     sorted_scores, sorted_same = scores[order], same[order]
-    # Threshold below position i: pairs [0, i) say "different", [i, P) say "same".
+    # Cut i: pairs [0, i) say "different", [i, P) say "same".
     correct_below = np.concatenate([[0], np.cumsum(~sorted_same)])
     correct_above = np.concatenate([np.cumsum(sorted_same[::-1])[::-1], [0]])
     correct = correct_below + correct_above
     # Only cut between different scores: ties must fall on one side together.
     cut_allowed = np.concatenate([[True], sorted_scores[1:] > sorted_scores[:-1], [True]])
     best = int(np.argmax(np.where(cut_allowed, correct, -1)))
-    return float(sorted_scores[0] - 1.0) if best == 0 else float(sorted_scores[best - 1])
+    if best == 0:
+        return float(sorted_scores[0] - 1.0)
+    if best == len(scores):
+        return float(sorted_scores[-1] + 1.0)
+    return float((sorted_scores[best - 1] + sorted_scores[best]) / 2)
 
 
 def ten_fold_accuracy(scores: np.ndarray, same: np.ndarray, fold: np.ndarray

@@ -251,7 +251,7 @@ def train_and_evaluate(
             config, input_pipeline.open_split(config.dataset, "train", config.data_dir,
                                               prepare=config.prepare_data)),
             config.in_memory_max_mib)
-        test_records = input_pipeline.in_memory(input_pipeline.test_data(
+        test_records = input_pipeline.in_memory(input_pipeline.evaluation_data(
             config, input_pipeline.open_split(config.dataset, "test", config.data_dir,
                                               prepare=config.prepare_data)),
             config.in_memory_max_mib)

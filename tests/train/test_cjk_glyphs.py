@@ -190,7 +190,7 @@ def test_training_reads_the_first_classes_of_the_prepared_data(tiny_build):
     config.num_classes = 5
     train = input_pipeline.training_data(config, input_pipeline.open_split(
         "cjk_glyphs_lean", "train", config.data_dir, prepare=False))
-    test = input_pipeline.test_data(config, input_pipeline.open_split(
+    test = input_pipeline.evaluation_data(config, input_pipeline.open_split(
         "cjk_glyphs_lean", "test", config.data_dir, prepare=False))
     assert len(train) == 15 and len(test) == 5
     images, labels = train.read(np.arange(len(train)))

@@ -242,9 +242,9 @@ def test_training_data_keeps_the_first_classes_and_then_a_balanced_subset():
     assert sorted(chosen_labels.tolist()) == [0, 0, 1, 1, 2, 2]
     # Each image (its pixel is its index) travels with its own label.
     np.testing.assert_array_equal(labels[chosen_images[:, 0, 0, 0]], chosen_labels)
-    test = input_pipeline.test_data(_config(num_classes=2), records)
+    test = input_pipeline.evaluation_data(_config(num_classes=2), records)
     assert set(input_pipeline.all_labels(test).tolist()) == {0, 1}
-    assert input_pipeline.test_data(_config(), records) is records
+    assert input_pipeline.evaluation_data(_config(), records) is records
     with pytest.raises(input_pipeline.errors.ConfigError, match="exceeds the 5 classes"):
         input_pipeline.training_data(_config(num_classes=6), records)
 
