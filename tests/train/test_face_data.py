@@ -171,3 +171,11 @@ def test_face_config_without_data_stops_with_one_line(tmp_path):
     assert len(lines) == 1 and "face_folder" in lines[0] and "<identity>" in lines[0], (
         done.stderr[-3000:])
     assert "Traceback" not in done.stderr
+
+
+def test_lfw_records_under_tfds_mock_data(tmp_path):
+    with tfds.testing.mock_data(num_examples=6):
+        records = face_data.lfw_records(str(tmp_path), crop_fraction=0.5, prepare=False)
+        images, labels = records.read(np.array([5, 0, 3]))
+    assert len(records) == 6 and images.shape == (3, 112, 112, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 0, 0]
