@@ -19,9 +19,14 @@ def get_config(arg: str | None = None):
     config.dataset = "cjk_glyphs"
     config.num_classes = 1000
     config.model = "small_cnn"
+    # Measured on the full build, 1000 classes, batch 256, learning rate 0.05: softmax reaches
+    # 95.6% closed-set test accuracy in 600 steps (~850 images/s on 2 CPU cores); noisy softmax
+    # (annealed, alpha 0.1) collapsed by step 200 (amplitude 0, one predicted class), stopped by
+    # the health check. The base is softmax; comparisons set the loss.
+    config.loss = "softmax"
     config.batch_size = 256
-    config.num_epochs = 30
-    config.learning_rate = 0.1
+    config.num_epochs = 10  # ~3,100 steps: about 16 minutes at the rate above
+    config.learning_rate = 0.05
     config.eval_batch_size = 1000
     config.log_every_steps = 100
     config.eval_every_steps = 1000
