@@ -24,6 +24,7 @@ NON_TRAJECTORY_KEYS = frozenset(
     {
         "data_dir",
         "prepare_data",
+        "in_memory_max_mib",
         "eval_batch_size",
         "log_every_steps",
         "eval_every_steps",
@@ -112,14 +113,25 @@ def _check_data_and_model(config) -> None:
         config.fused_chunk_size,
         "an integer >= 0 (0: the fused loss's default)",
     )
-    info = input_pipeline.DATASETS[config.dataset]
+    known_classes = input_pipeline.DATASETS[config.dataset].num_classes
+    _check(
+        isinstance(config.num_classes, int)
+        and 0 <= config.num_classes <= (known_classes or config.num_classes),
+        "num_classes",
+        config.num_classes,
+        "0 (every class) or the number of classes to train on"
+        + (f", at most the {known_classes} of {config.dataset}" if known_classes else ""),
+    )
+    _check(config.in_memory_max_mib >= 0, "in_memory_max_mib", config.in_memory_max_mib,
+           ">= 0 (0: always read the batches from disk)")
+    classes = config.num_classes or known_classes
     _check(
         isinstance(config.train_subset, int)
         and config.train_subset >= 0
-        and config.train_subset % info.num_classes == 0,
+        and (classes is None or config.train_subset % classes == 0),
         "train_subset",
         config.train_subset,
-        f"0 (the whole split) or a positive multiple of the {info.num_classes} classes of "
+        f"0 (the whole split) or a positive multiple of the {classes or 'prepared'} classes of "
         f"{config.dataset} (the split size is checked when the data is loaded)",
     )
 

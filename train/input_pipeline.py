@@ -1,11 +1,19 @@
 """Input pipeline: TFDS ArrayRecord data read through `tfds.data_source`, no TensorFlow.
 
-The datasets here are small (at most 60k images of 32x32x3), so each split is decoded once into
-host memory and batches are cut from it with NumPy. The order of the training data is a function
-of (seed, epoch) alone, so the batch of any step can be recomputed: a run resumed from a
-checkpoint at step s sees exactly the batches an uninterrupted run sees from step s on.
+A split is opened as `Records`, random access to its examples. `SourceRecords` reads each batch
+from the split's source when it is needed (an ArrayRecord read, TFDS parsing, Pillow decoding),
+so a split never has to fit in host memory; the training loop reads such batches a few steps
+ahead in a background thread (`read_ahead` -> `prefetch`, through Grain). A split small enough
+(`in_memory`, `config.in_memory_max_mib`) is decoded into host memory once instead
+(`ArrayRecords`), which is faster where no core is free for the prefetch thread; so is every
+split inside `cached_splits()` (`python -m train.compare` trains many short runs on one
+dataset). A batch is the same whichever way it is read.
 
-Multi-host: every process computes the same global batch of indices and keeps its own
+The order of the training data is a function of (seed, epoch) alone, so the batch of any step
+can be recomputed: a run resumed from a checkpoint at step s sees exactly the batches an
+uninterrupted run sees from step s on.
+
+Multi-host: every process computes the same global batch of indices and reads only its own
 contiguous slice; `jax.make_array_from_process_local_data` assembles the global array.
 Normalization and the CIFAR-10+ augmentation run on the device (see `augment`).
 """
@@ -14,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +48,7 @@ def _open_source(dataset: str, split: str, data_dir: str, *, skip_decoding: bool
     # download=False: TFDS's own preparation of these datasets needs TensorFlow; ours does not.
     # The PNG bytes are decoded here with Pillow (faster than TFDS's per-record decoding).
     return tfds.data_source(
-        dataset,
+        prepare_data.tfds_name(dataset),
         split=split,
         data_dir=data_dir,
         download=False,
@@ -68,12 +78,179 @@ def open_source(dataset: str, split: str, data_dir: str, *, prepare: bool = True
         # Missing data surfaces as DatasetNotFoundError, or, with download=False, as a misleading
         # NotImplementedError about TFRECORD; either way the remedy is the same.
         if not prepare:
-            raise prepare_data.DataUnavailableError(
-                f"{dataset} is not prepared in {data_dir} ({type(error).__name__}).\n"
-                + prepare_data.how_to_obtain(dataset, data_dir)
-            ) from None
+            raise prepare_data.not_prepared(dataset, data_dir, type(error).__name__) from None
     prepare_data.prepare(dataset, data_dir)
     return _open_source(dataset, split, data_dir)
+
+
+class Records(Protocol):
+    """Random access to the (image, label) examples of a split."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images [n, H, W, C] and int32 labels [n] of the examples at `indices`."""
+        ...
+
+
+class ArrayRecords:
+    """Examples held in host memory as arrays (a decoded split, or test data)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[indices], self.labels[indices]
+
+    def all_labels(self) -> np.ndarray:
+        return self.labels
+
+
+def _damaged(dataset: str, split: str, data_dir: str, error: Exception
+             ) -> prepare_data.DataUnavailableError:
+    # A partly prepared or damaged dataset: array_record's error is a deep stack trace.
+    folder = os.path.join(os.path.expanduser(data_dir), prepare_data.tfds_name(dataset))
+    detail = str(error).strip().splitlines()[-1][:300] if str(error).strip() else ""
+    return prepare_data.DataUnavailableError(
+        f"the prepared {dataset} {split} split in {folder} is incomplete or damaged "
+        f"({type(error).__name__}: {detail}).\n"
+        f"Delete {folder} and rerun with --config.prepare_data=True to prepare it again.")
+
+
+class SourceRecords:
+    """The examples of a prepared split, read from its `tfds.data_source` when asked for.
+
+    Nothing of the split is held in memory: each `read` fetches its records (one batched
+    ArrayRecord read) and decodes their PNG bytes with Pillow. Opening the split reads its first
+    and last record, so that a missing or truncated file fails here, before any training.
+
+    Args:
+      dataset: a key of `DATASETS`.
+      split: the TFDS split name.
+      data_dir: the TFDS data folder.
+      prepare: prepare the data offline if it is missing (where possible).
+
+    Raises:
+      prepare_data.DataUnavailableError: the split is missing, incomplete or damaged.
+    """
+
+    image_shape: tuple[int, ...] | None = None  # default: the dataset's
+
+    def __init__(self, dataset: str, split: str, data_dir: str, *, prepare: bool = True):
+        self.dataset, self.split, self.data_dir = dataset, split, data_dir
+        self.image_shape = self.image_shape or prepare_data.dataset_info(dataset).image_shape
+        self.source = open_source(dataset, split, data_dir, prepare=prepare)
+        self.batched = True
+        self._labels: np.ndarray | None = None
+        try:
+            self.source.__getitems__([0])
+        except TypeError:
+            # tfds.testing.mock_data: item access only, and it makes the (random) arrays itself.
+            self.source = _open_source(
+                dataset, split, os.path.expanduser(data_dir), skip_decoding=False)
+            self.batched = False
+        except (RuntimeError, OSError, ValueError) as error:
+            raise _damaged(dataset, split, data_dir, error) from None
+        if len(self):
+            self.read(np.array([0, len(self) - 1]))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _records(self, indices: list[int]) -> list:
+        # One batched read is much faster than one read per record.
+        if self.batched:
+            return list(self.source.__getitems__(indices))
+        return [self.source[index] for index in indices]
+
+    def _example(self, record) -> tuple[np.ndarray, int]:
+        """The (image, label) of a record."""
+        return _decode_image(record["image"]), record["label"]
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            examples = [self._example(r) for r in self._records([int(i) for i in indices])]
+        except (RuntimeError, OSError, ValueError) as error:
+            raise _damaged(self.dataset, self.split, self.data_dir, error) from None
+        images = [image for image, _ in examples]
+        labels = [label for _, label in examples]
+        images = np.stack(images).astype(np.uint8) if images else np.zeros((0,), np.uint8)
+        return images.reshape((-1, *self.image_shape)), np.asarray(labels, dtype=np.int32)
+
+    def all_labels(self, chunk: int = 4096) -> np.ndarray:
+        """The int32 labels [N] of the whole split (read once, without decoding the images).
+
+        From the split's `labels-<split>.npy` where the preparation wrote one (cjk_glyphs,
+        face_folder: reading the labels of cjk_glyphs' 759k training records takes ~35 s).
+        """
+        if self._labels is not None:
+            return self._labels
+        stored = _stored_labels(self.source, self.split)
+        if stored is not None and len(stored) == len(self):
+            self._labels = stored
+            return stored
+        labels = []
+        for start in range(0, len(self), chunk):
+            keys = list(range(start, min(start + chunk, len(self))))
+            try:
+                labels.extend(record["label"] for record in self._records(keys))
+            except (RuntimeError, OSError, ValueError) as error:
+                raise _damaged(self.dataset, self.split, self.data_dir, error) from None
+        self._labels = np.asarray(labels, dtype=np.int32)
+        return self._labels
+
+
+def labels_file(split: str) -> str:
+    """The name of the labels file a preparation may write beside a split's records."""
+    return f"labels-{split}.npy"
+
+
+def _stored_labels(source, split: str) -> np.ndarray | None:
+    folder = getattr(getattr(source, "dataset_info", None), "data_dir", None)
+    if not isinstance(folder, str | os.PathLike):
+        return None  # tfds.testing.mock_data has no folder
+    path = os.path.join(folder, labels_file(split))
+    return np.load(path).astype(np.int32) if os.path.exists(path) else None
+
+
+class SubsetRecords:
+    """The examples of `records` at `indices`, renumbered 0..len(indices)-1."""
+
+    def __init__(self, records: Records, indices: np.ndarray):
+        self.records, self.indices = records, np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.records.read(self.indices[indices])
+
+    def all_labels(self) -> np.ndarray:
+        return all_labels(self.records)[self.indices]
+
+
+def all_labels(records: Records) -> np.ndarray:
+    """The int32 labels [N] of every example of `records`."""
+    labels = getattr(records, "all_labels", None)
+    if labels is not None:
+        return labels()
+    return records.read(np.arange(len(records)))[1]
+
+
+def open_split(dataset: str, split: str, data_dir: str, *, prepare: bool = True) -> Records:
+    """The examples of a split: read on demand, or from memory inside `cached_splits()`.
+
+    Raises:
+      prepare_data.DataUnavailableError: the split is missing, incomplete or damaged.
+    """
+    if _split_cache is not None:
+        return ArrayRecords(*load_split(dataset, split, data_dir, prepare=prepare))
+    return SourceRecords(dataset, split, data_dir, prepare=prepare)
 
 
 @contextlib.contextmanager
@@ -83,7 +260,8 @@ def cached_splits() -> Iterator[None]:
     For a process that trains many short runs on the same data (`python -m train.compare`):
     decoding a split costs seconds, a 200-step run about a minute. The cached arrays are made
     read-only, so no run can change the data another run sees. Nested uses share one cache; it
-    is dropped when the outermost context exits.
+    is dropped when the outermost context exits. Inside it, `open_split` serves the cached
+    arrays too.
 
     Example:
       >>> with cached_splits():  # doctest: +SKIP
@@ -122,34 +300,11 @@ def load_split(
 def _decode_split(
     dataset: str, split: str, data_dir: str, *, prepare: bool, chunk: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    source = open_source(dataset, split, data_dir, prepare=prepare)
-    batched = True
-    images, labels = [], []
-    try:
-        try:
-            source.__getitems__([0])
-        except TypeError:
-            # tfds.testing.mock_data: item access only, and it makes the (random) arrays itself.
-            source = _open_source(dataset, split, os.path.expanduser(data_dir), skip_decoding=False)
-            batched = False
-        for start in range(0, len(source), chunk):
-            keys = list(range(start, min(start + chunk, len(source))))
-            # One batched read is much faster than one read per record.
-            records = source.__getitems__(keys) if batched else [source[key] for key in keys]
-            images.extend(_decode_image(record["image"]) for record in records)
-            labels.extend(record["label"] for record in records)
-    except (RuntimeError, OSError, ValueError) as error:
-        # A partly prepared or damaged dataset: array_record's error is a deep stack trace.
-        folder = os.path.join(os.path.expanduser(data_dir), dataset)
-        detail = str(error).strip().splitlines()[-1][:300] if str(error).strip() else ""
-        raise prepare_data.DataUnavailableError(
-            f"the prepared {dataset} {split} split in {folder} is incomplete or damaged "
-            f"({type(error).__name__}: {detail}).\n"
-            f"Delete {folder} and rerun with --config.prepare_data=True to prepare it again."
-        ) from None
-    shape = DATASETS[dataset].image_shape
-    images = np.stack(images).astype(np.uint8).reshape((-1, *shape))
-    return images, np.asarray(labels, dtype=np.int32)
+    records = SourceRecords(dataset, split, data_dir, prepare=prepare)
+    if not len(records):
+        return records.read(np.zeros((0,), np.int64))
+    decoded = in_memory(records, max_mib=np.inf, chunk=chunk)
+    return decoded.images, decoded.labels
 
 
 # The subset of `balanced_subset` is drawn from this seed, never from config.seed: every run and
@@ -195,64 +350,145 @@ def balanced_subset(labels: np.ndarray, size: int, num_classes: int) -> np.ndarr
     return np.sort(np.concatenate(chosen))
 
 
-def training_data(config, images: np.ndarray, labels: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """The training split, or its `config.train_subset` examples (0: the whole split).
+def _as_records(images, labels) -> Records:
+    """`images` if it is already a `Records`, else `ArrayRecords(images, labels)`."""
+    return images if labels is None else ArrayRecords(images, labels)
+
+
+def in_memory(records: Records, max_mib: float, *, chunk: int = 4096) -> Records:
+    """`records` decoded into host memory if their images take at most `max_mib` MiB, else as is.
+
+    A small split is cheaper decoded once: reading a batch from the source costs about 100 us of
+    CPU per MNIST image (ArrayRecord read, TFDS parsing, PNG decoding), which the prefetch thread
+    hides only where a core is free. A large one (the point of streaming) stays on disk. The
+    batches are the same either way.
+
+    Args:
+      records: the examples.
+      max_mib: the bound on the decoded images' size; 0: never decode ahead.
+      chunk: examples read at a time while decoding.
+
+    Example:
+      >>> records = ArrayRecords(np.zeros((4, 2, 2, 1), np.uint8), np.arange(4))
+      >>> in_memory(records, 1.0) is records
+      True
+    """
+    if isinstance(records, ArrayRecords) or not len(records) or max_mib <= 0:
+        return records
+    first, _ = records.read(np.zeros(1, np.int64))
+    if first.nbytes * len(records) > max_mib * 2**20:
+        return records
+    parts = [records.read(np.arange(start, min(start + chunk, len(records))))
+             for start in range(0, len(records), chunk)]
+    return ArrayRecords(np.concatenate([p[0] for p in parts]),
+                        np.concatenate([p[1] for p in parts]))
+
+
+def num_classes(config) -> int:
+    """The classes a run trains on: `config.num_classes`, else all of the dataset's.
+
+    For datasets whose class count depends on how they were prepared (`DatasetInfo.num_classes`
+    is None: `cjk_glyphs`, `face_folder`), that of the prepared data.
+    """
+    if config.num_classes:
+        return config.num_classes
+    known = DATASETS[config.dataset].num_classes
+    if known is not None:
+        return known
+    return prepare_data.prepared_num_classes(config.dataset, config.data_dir)
+
+
+def first_classes(records: Records, count: int) -> Records:
+    """The examples of `records` whose label is below `count`.
 
     Raises:
-      errors.ConfigError: the split has too few examples of a class for the subset.
+      errors.ConfigError: no example has such a label, or `count` exceeds the labels present.
     """
+    labels = all_labels(records)
+    present = int(labels.max()) + 1 if len(labels) else 0
+    if count > present:
+        raise errors.ConfigError(
+            f"config.num_classes={count} exceeds the {present} classes of the prepared data")
+    return SubsetRecords(records, np.flatnonzero(labels < count))
+
+
+def training_data(config, records: Records) -> Records:
+    """The training split's examples a run trains on.
+
+    Those of the first `config.num_classes` classes (0: all), and of those the fixed
+    `config.train_subset` examples (0: all; `balanced_subset`).
+
+    Raises:
+      errors.ConfigError: the split has too few examples of a class for the subset, or fewer
+        classes than `config.num_classes`.
+    """
+    if config.num_classes:
+        records = first_classes(records, config.num_classes)
     if not config.train_subset:
-        return images, labels
+        return records
     try:
-        indices = balanced_subset(labels, config.train_subset,
-                                  DATASETS[config.dataset].num_classes)
+        indices = balanced_subset(all_labels(records), config.train_subset, num_classes(config))
     except ValueError as error:
         raise errors.ConfigError(f"config.train_subset={config.train_subset}: {error}") from None
-    return images[indices], labels[indices]
+    return SubsetRecords(records, indices)
+
+
+def evaluation_data(config, records: Records) -> Records:
+    """The test split's examples of the classes a run trains on (`config.num_classes`)."""
+    return first_classes(records, config.num_classes) if config.num_classes else records
 
 
 class TrainBatches:
     """The process-local part of the training batch of any step.
 
     Epoch e visits the examples in the order `permutation(seed, e)`; the last incomplete batch
-    of each epoch is dropped, so `steps_per_epoch = N // global_batch_size`.
+    of each epoch is dropped, so `steps_per_epoch = N // global_batch_size`. Each call reads
+    only this process's rows of the global batch.
+
+    Args:
+      images: the examples, a `Records` (then `labels` is None), or uint8 images [N, H, W, C].
+      labels: int labels [N] of `images`, or None.
+      global_batch_size: examples per step over all processes.
+      seed: the seed of the epochs' orders.
+      process_index, process_count: this process and how many feed the batch.
     """
 
     def __init__(
         self,
-        images: np.ndarray,
-        labels: np.ndarray,
+        images: Records | np.ndarray,
+        labels: np.ndarray | None = None,
         *,
         global_batch_size: int,
         seed: int,
         process_index: int = 0,
         process_count: int = 1,
     ):
+        records = _as_records(images, labels)
         if global_batch_size % process_count:
             raise ValueError(
                 f"batch_size {global_batch_size} is not divisible by the process count "
                 f"{process_count}"
             )
-        if len(images) < global_batch_size:
+        if len(records) < global_batch_size:
             raise ValueError(
-                f"batch_size {global_batch_size} exceeds the {len(images)} training examples"
+                f"batch_size {global_batch_size} exceeds the {len(records)} training examples"
             )
-        self.images, self.labels = images, labels
+        self.records = records
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
         self.process_index = process_index
         self.seed = seed
-        self.steps_per_epoch = len(images) // global_batch_size
+        self.steps_per_epoch = len(records) // global_batch_size
         self._epoch, self._order = -1, None
 
     def order(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            self._order = np.random.default_rng((self.seed, epoch)).permutation(len(self.images))
+            self._order = np.random.default_rng((self.seed, epoch)).permutation(len(self.records))
             self._epoch = epoch
         return self._order
 
-    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def indices(self, step: int) -> np.ndarray:
+        """The indices (into the examples) of this process's rows of the batch of `step`."""
         epoch, position = divmod(step, self.steps_per_epoch)
         start = position * self.global_batch_size
         # Sort the whole global batch, then slice: row i of the global batch is the same example
@@ -260,13 +496,40 @@ class TrainBatches:
         # the process count, and with it the per-position augmentation and loss noise.)
         rows = np.sort(self.order(epoch)[start : start + self.global_batch_size])
         local = self.process_index * self.local_batch_size
-        indices = rows[local : local + self.local_batch_size]
-        return self.images[indices], self.labels[indices]
+        return rows[local : local + self.local_batch_size]
+
+    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.records.read(self.indices(step))
+
+
+class EvalBatches:
+    """The process-local (images, labels, mask) of evaluation batch i: every example once.
+
+    Batch i holds examples [i * B, (i + 1) * B); the last batch is padded to the full size
+    (with example 0) and `mask` is False on the padding.
+    """
+
+    def __init__(self, records: Records, *, global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1):
+        self.records = records
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.process_index = process_index
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.records) / self.global_batch_size)
+
+    def __call__(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        start = batch * self.global_batch_size + self.process_index * self.local_batch_size
+        indices = np.arange(start, start + self.local_batch_size)
+        mask = indices < len(self.records)
+        images, labels = self.records.read(np.where(mask, indices, 0))
+        return images, labels, mask
 
 
 def eval_batches(
-    images: np.ndarray,
-    labels: np.ndarray,
+    images: Records | np.ndarray,
+    labels: np.ndarray | None = None,
     *,
     global_batch_size: int,
     process_index: int = 0,
@@ -274,16 +537,65 @@ def eval_batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yields process-local (images, labels, mask) covering every example exactly once.
 
-    The last batch is padded to the full size; `mask` is False on the padding.
+    The last batch is padded to the full size; `mask` is False on the padding. Batches read
+    from disk are read ahead in the background (`read_ahead`).
+
+    Args:
+      images: the examples, a `Records` (then `labels` is None), or uint8 images [N, H, W, C].
+      labels: int labels [N] of `images`, or None.
+      global_batch_size: examples per batch over all processes.
+      process_index, process_count: this process and how many read the batch.
     """
-    local = global_batch_size // process_count
-    for start in range(0, len(images), global_batch_size):
-        indices = np.arange(start, start + global_batch_size)[
-            process_index * local : (process_index + 1) * local
-        ]
-        mask = indices < len(images)
-        indices = np.where(mask, indices, 0)
-        yield images[indices], labels[indices], mask
+    batches = EvalBatches(_as_records(images, labels), global_batch_size=global_batch_size,
+                          process_index=process_index, process_count=process_count)
+    return read_ahead(batches, 0, len(batches))
+
+
+def read_ahead(batches: TrainBatches | EvalBatches, start: int, stop: int) -> Iterator:
+    """The batches `start .. stop - 1`: prefetched if they are read from disk, else cut in turn.
+
+    Examples in host memory are cut into a batch in microseconds, and a thread would only add
+    its hand-off (0.5% of a step of the MNIST CNN, measured); a batch read from disk costs
+    ~100 us of CPU per image, which `prefetch` overlaps with the training step.
+    """
+    if isinstance(batches.records, ArrayRecords):
+        return (batches(index) for index in range(start, stop))
+    return prefetch(batches, start, stop)
+
+
+_Item = TypeVar("_Item")
+
+# Batches read ahead of the one in use. A few are enough to hide a read behind a training step
+# (a step of the MNIST CNN on 2 CPU cores takes ~100x longer than reading its batch).
+PREFETCH_BUFFER = 4
+
+
+def prefetch(read: Callable[[int], _Item], start: int, stop: int, *,
+             buffer_size: int = PREFETCH_BUFFER, num_threads: int = 1) -> Iterator[_Item]:
+    """Yields `read(start), ..., read(stop - 1)` in order, reading ahead in background threads.
+
+    Grain's `MapDataset` over the step range: up to `buffer_size` items are read ahead by
+    `num_threads` threads. An item is a pure function of its index, so the sequence is the same
+    whatever the threads' timing; an exception raised by `read` surfaces, unchanged, where its
+    item would have been yielded.
+
+    Args:
+      read: the item of an index (e.g. a `TrainBatches`: the batch of a step).
+      start, stop: the range of indices.
+      buffer_size: items read ahead.
+      num_threads: threads reading.
+
+    Example:
+      >>> list(prefetch(lambda step: step * step, 2, 5))
+      [4, 9, 16]
+    """
+    if stop <= start:
+        return iter(())
+    import grain  # pylint: disable=g-import-not-at-top
+
+    dataset = grain.MapDataset.range(start, stop).map(read)
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=buffer_size)
+    return iter(dataset.to_iter_dataset(options))
 
 
 def normalize(images: jax.Array, dataset: str) -> jax.Array:

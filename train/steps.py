@@ -299,7 +299,8 @@ def jitted_functions(config, num_steps: int, devices: Sequence[jax.Device]) -> J
     sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     learning_rate = learning_rate_schedule(config, num_steps)
     alpha_fn = alpha_schedule(config, num_steps)
-    model = models.create_model(config.model, info.num_classes, head=config.head,
+    model = models.create_model(config.model, input_pipeline.num_classes(config),
+                                head=config.head,
                                 fused_chunk_size=config.fused_chunk_size or None,
                                 embedding_dim=config.embedding_dim or None)
     tx = create_optimizer(config, learning_rate)

@@ -146,19 +146,17 @@ class TrainLog:
 class Evaluator:
     """The test loss and accuracy of a state over the whole test split, written and reported."""
 
-    def __init__(self, config, jitted: steps.JittedFunctions, images: np.ndarray,
-                 labels: np.ndarray, writer: metric_writers.MetricWriter, progress: Progress,
-                 num_steps: int):
+    def __init__(self, config, jitted: steps.JittedFunctions, records: input_pipeline.Records,
+                 writer: metric_writers.MetricWriter, progress: Progress, num_steps: int):
         self.config, self.jitted = config, jitted
-        self.images, self.labels = images, labels
+        self.records = records
         self.writer, self.progress = writer, progress
         self.num_steps = num_steps
 
     def __call__(self, state: steps.TrainState, step: int, *, log: bool = True
                  ) -> dict[str, float]:
         batches = input_pipeline.eval_batches(
-            self.images,
-            self.labels,
+            self.records,
             global_batch_size=self.config.eval_batch_size,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
@@ -167,7 +165,7 @@ class Evaluator:
             self.jitted.eval_step(state, *self.jitted.global_batch(*batch))
             for batch in tqdm.tqdm(
                 batches,
-                total=math.ceil(len(self.images) / self.config.eval_batch_size),
+                total=math.ceil(len(self.records) / self.config.eval_batch_size),
                 desc=f"eval @{step}",
                 leave=False,
                 disable=not self.progress.shown,
@@ -250,15 +248,18 @@ def train_and_evaluate(
           files.partial_writes_removed_on_disk_full(workdir, enabled=is_writer)):
         if is_writer:
             prepare_workdir(config, workdir)
-        # Data: the whole split in host memory; each process feeds its slice of every batch.
-        train_images, train_labels = input_pipeline.load_split(
-            config.dataset, "train", config.data_dir, prepare=config.prepare_data)
-        train_images, train_labels = input_pipeline.training_data(
-            config, train_images, train_labels)
-        test_images, test_labels = input_pipeline.load_split(
-            config.dataset, "test", config.data_dir, prepare=config.prepare_data)
+        # Data: small splits decoded into host memory, large ones read batch by batch from disk
+        # (config.in_memory_max_mib); each process reads only its slice of every batch.
+        train_records = input_pipeline.in_memory(input_pipeline.training_data(
+            config, input_pipeline.open_split(config.dataset, "train", config.data_dir,
+                                              prepare=config.prepare_data)),
+            config.in_memory_max_mib)
+        test_records = input_pipeline.in_memory(input_pipeline.evaluation_data(
+            config, input_pipeline.open_split(config.dataset, "test", config.data_dir,
+                                              prepare=config.prepare_data)),
+            config.in_memory_max_mib)
         batches = input_pipeline.TrainBatches(
-            train_images, train_labels, global_batch_size=config.batch_size, seed=config.seed,
+            train_records, global_batch_size=config.batch_size, seed=config.seed,
             process_index=jax.process_index(), process_count=jax.process_count())
         num_steps = steps.total_steps(config, batches.steps_per_epoch)
         eval_every = (
@@ -279,19 +280,20 @@ def train_and_evaluate(
         progress = Progress(is_writer and config.progress_bar, total=num_steps, initial=start_step)
         writer = closing.enter_context(
             metric_writers.MetricWriter(workdir, is_writer, resumed_from=start_step))
-        checks = health.HealthChecks(config, input_pipeline.DATASETS[config.dataset].num_classes)
+        checks = health.HealthChecks(config, input_pipeline.num_classes(config))
         train_log = TrainLog(writer, checks, progress, batch_size=config.batch_size,
                              first_step=start_step, earlier=earlier_time)
-        evaluate = Evaluator(config, jitted, test_images, test_labels, writer, progress, num_steps)
-        train_saturation = saturation.TrainSaturation(config, jitted, train_images, train_labels,
-                                                      writer)
+        evaluate = Evaluator(config, jitted, test_records, writer, progress, num_steps)
+        train_saturation = saturation.TrainSaturation(config, jitted, train_records, writer)
         is_due = lambda step, every: step % every == 0 or step == num_steps
         eval_metrics: dict[str, float] = {}
 
         with preemption.PreemptionGuard() as guard:
             try:
-                for step in range(start_step, num_steps):
-                    state, metrics = jitted.train_step(state, *jitted.global_batch(*batches(step)))
+                # Batches read from disk are read ahead, in a background thread.
+                batch_of_step = input_pipeline.read_ahead(batches, start_step, num_steps)
+                for step, batch in zip(range(start_step, num_steps), batch_of_step):
+                    state, metrics = jitted.train_step(state, *jitted.global_batch(*batch))
                     train_log.add(metrics)
                     done = step + 1
                     if is_due(done, config.log_every_steps):

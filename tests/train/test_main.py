@@ -228,7 +228,7 @@ def uninterrupted(uninterrupted_workdir):
     return json.loads((uninterrupted_workdir / "results.json").read_text())["params_sha256"]
 
 
-def kill_and_resume(workdir, kills, seed):
+def kill_and_resume(workdir, kills, seed, *extra):
     """SIGKILLs the run at `kills` random moments, then lets it finish; returns the results.
 
     Kill i comes a random 0-0.5 s after the run logged a randomly drawn step, the steps drawn
@@ -238,7 +238,7 @@ def kill_and_resume(workdir, kills, seed):
     targets = sorted(rng.sample(range(1, NUM_STEPS), kills))
     landed = []
     for target in targets:
-        process = start(workdir)
+        process = start(workdir, *extra)
         reached = wait_for_step(process, workdir, target)
         if reached:
             time.sleep(rng.uniform(0.0, 0.5))
@@ -248,7 +248,7 @@ def kill_and_resume(workdir, kills, seed):
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=60) == -signal.SIGKILL
         landed.append((target, last_step(workdir)))
-    results = run_to_completion(workdir)
+    results = run_to_completion(workdir, *extra)
     return results, landed
 
 
@@ -258,6 +258,16 @@ def test_sigkill_at_3_random_moments_then_rerun_equals_uninterrupted(
     assert len(landed) == 3
     assert results["params_sha256"] == uninterrupted, landed
     assert results["resumed_from_step"] > 0
+    assert_each_step_logged_once(tmp_path / "run", uninterrupted_workdir)
+
+
+def test_sigkill_while_streaming_from_disk_then_rerun_equals_the_in_memory_run(
+        tmp_path, uninterrupted, uninterrupted_workdir):
+    # Every batch read from the source, in a Grain thread: the batches, and so the run, are
+    # those of the uninterrupted run with the data in memory.
+    results, landed = kill_and_resume(tmp_path / "run", 3, 2, "--config.in_memory_max_mib=0")
+    assert len(landed) == 3
+    assert results["params_sha256"] == uninterrupted, landed
     assert_each_step_logged_once(tmp_path / "run", uninterrupted_workdir)
 
 

@@ -104,6 +104,14 @@ def test_two_processes_agree_and_only_process_0_writes(two_by_two):
 
 
 @pytest.mark.slow
+def test_two_processes_reading_their_slices_from_disk_equal_the_in_memory_run(two_by_two,
+                                                                             tmp_path):
+    # Each process reads only its rows of every batch from the source, in a Grain thread.
+    launched = run(tmp_path / "w", 2, 2, "--config.in_memory_max_mib=0")
+    assert set(fingerprints(launched)) == {results(two_by_two[0])["params_sha256"]}
+
+
+@pytest.mark.slow
 def test_two_processes_equal_one_process_on_four_devices(two_by_two, tmp_path):
     workdir = two_by_two[0]
     single = tmp_path / "single"

@@ -11,13 +11,22 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     # Data.
-    config.dataset = "mnist"  # mnist | fashion_mnist | cifar10 | cifar100
+    config.dataset = "mnist"  # a key of train.prepare_data.DATASETS
     config.data_dir = "~/tensorflow_datasets"
     config.prepare_data = True  # prepare the data offline on first use where possible
     config.augment = False  # CIFAR-10+: pad 4, random 32x32 crop, horizontal flip (on device)
     # 0: the whole training split. N > 0: a fixed class-balanced subset of N examples, the same
     # for every run and seed (input_pipeline.balanced_subset; N divisible by the class count).
     config.train_subset = 0
+    # 0: every class of the dataset. K > 0: only the examples (train and test) of the classes
+    # 0..K-1; for cjk_glyphs, whose training classes are numbered in a fixed random order, a
+    # random fixed choice of K classes.
+    config.num_classes = 0
+    # A split (after num_classes and train_subset) whose decoded images take at most this many
+    # MiB is decoded into host memory once; a larger one is read batch by batch from disk,
+    # prefetched in the background (input_pipeline.in_memory). 0: always read from disk. The
+    # batches are the same either way.
+    config.in_memory_max_mib = 256
 
     # Model.
     config.model = "small_cnn"  # small_cnn | vgg_mnist | vgg_cifar | resnet_glyph | resnet_face
