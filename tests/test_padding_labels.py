@@ -57,6 +57,19 @@ def checked_fused(labels, where, x):
                                                          where=where, chunk_size=2)
 
 
+COSINES = nsj.class_cosines(FEATURES, KERNEL)
+
+
+def fused_margin(labels, where, x):
+    return nsj.fused_noisy_softmax_cross_entropy(x, KERNEL, labels, KEY, 0.2, where=where,
+                                                 margin="arcface", scale=8.0, chunk_size=2)
+
+
+def through_margin_logits(labels, where, x):
+    noisy = nsj.margin_logits(x, labels, KEY, 0.2, margin="cosface", scale=8.0, where=where)
+    return optax.softmax_cross_entropy_with_integer_labels(noisy, labels, where=where)
+
+
 # path -> (loss function, its differentiable input, whether it returns (error, loss))
 PATHS = {
     "dense": (dense, LOGITS, False),
@@ -65,6 +78,8 @@ PATHS = {
     "noisy_logits": (through_noisy_logits, LOGITS, False),
     "fused": (fused, FEATURES, False),
     "checked_fused": (checked_fused, FEATURES, True),
+    "fused_margin": (fused_margin, FEATURES, False),
+    "margin_logits": (through_margin_logits, COSINES, False),
 }
 
 
