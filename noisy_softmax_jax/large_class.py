@@ -225,6 +225,15 @@ def fused_noisy_softmax_cross_entropy(
     read in blocks of rows as it is stored, and its gradient written back in the same layout,
     so it is never transposed whole; with a mesh its rows are split over ``class_axis``.
 
+    With ``margin="cosface"`` or ``"arcface"`` the logits are cosine logits
+    :math:`s\cos\theta_j` (features and class weights L2-normalised, each class weight
+    block by block: no normalised copy of the kernel), the noise goes on the target with
+    amplitude :math:`s`, and the margin after it: the value and gradients of
+    ``optax.softmax_cross_entropy_with_integer_labels(margin_logits(class_cosines(features,
+    kernel), labels, rng, alpha, margin=..., scale=..., margin_value=...), labels)``
+    (:func:`noisy_softmax_jax.margin_logits`, which gives the math), with mesh and either
+    kernel layout too. Gradients also flow to ``scale`` and ``margin_value``.
+
     Reverse mode only: ``jax.grad``, ``jax.vjp`` and ``jax.value_and_grad`` work, and so
     does forward-over-reverse (``jax.hessian``), but forward mode (``jax.jvp``,
     ``jax.jacfwd``, ``jax.linearize``) does not: the loss is a ``jax.custom_vjp``, whose
@@ -254,6 +263,14 @@ def fused_noisy_softmax_cross_entropy(
         whatever their label.
       shared_noise: One :math:`\xi` for the whole batch instead of one per example.
       negative: Raise the target logit instead (the paper's ablation).
+      margin: ``None`` (default: the paper's linear logits :math:`x^\top W_j`),
+        ``"cosface"`` (:math:`s(\cos\theta_y - m)` on the target) or ``"arcface"``
+        (:math:`s\cos(\theta_y + m)`, with InsightFace's fallback beyond :math:`\pi`);
+        see :data:`noisy_softmax_jax.MARGINS`.
+      scale: The cosine logits' scale :math:`s > 0`, traced; with a margin only
+        (default 64).
+      margin_value: The margin :math:`m \ge 0`, traced; with a margin only (default 0.35
+        for CosFace, 0.5 radians for ArcFace).
       chunk_size: Classes per block. Default: about 2**21 / batch, a multiple of 128.
       mesh: A ``jax.sharding.Mesh`` to split the classes over; needs ``class_axis``.
       class_axis: The mesh axis that splits the classes; ``classes`` must be divisible
@@ -286,6 +303,19 @@ def fused_noisy_softmax_cross_entropy(
       ...     features, weight, jnp.array([1, 0]), jax.random.key(0), 0.1, chunk_size=2,
       ...     kernel_layout="classes_features")
       >>> bool(jnp.allclose(same, loss))
+      True
+
+      ArcFace with the noise, the loss of the materialised margin logits:
+
+      >>> import optax
+      >>> from noisy_softmax_jax import class_cosines, margin_logits
+      >>> arc = fused_noisy_softmax_cross_entropy(
+      ...     features, kernel, jnp.array([1, 0]), jax.random.key(0), 0.1, margin="arcface",
+      ...     scale=30.0, chunk_size=2)
+      >>> logits = margin_logits(class_cosines(features, kernel), jnp.array([1, 0]),
+      ...                        jax.random.key(0), 0.1, margin="arcface", scale=30.0)
+      >>> expected = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([1, 0]))
+      >>> bool(jnp.allclose(arc, expected, rtol=1e-5))
       True
 
     References:
@@ -352,8 +382,9 @@ def checked_fused_noisy_softmax_cross_entropy(
     """:func:`fused_noisy_softmax_cross_entropy` with value checks that work under ``jax.jit``.
 
     Reports labels outside ``[0, classes)`` (except where ``where`` masks their example
-    out), non-finite ``features`` or ``kernel`` and a negative or infinite ``alpha`` or
-    ``sigma`` through ``jax.experimental.checkify``, as
+    out), non-finite ``features`` or ``kernel``, a negative or infinite ``alpha`` or
+    ``sigma`` and, with a margin, a non-positive or infinite ``scale`` or a negative or
+    infinite ``margin_value`` through ``jax.experimental.checkify``, as
     :func:`noisy_softmax_jax.checked_noisy_softmax_cross_entropy` does for the materialised
     loss. It costs one read of the kernel for the finiteness check. The checks run beside
     the loss, which is differentiated as the unchecked one is.
