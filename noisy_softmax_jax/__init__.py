@@ -28,6 +28,7 @@ from noisy_softmax_jax.loss import (
     noisy_softmax_cross_entropy,
     noisy_target_logit,
 )
+from noisy_softmax_jax.margins import MARGINS, class_cosines, margin_logits
 from noisy_softmax_jax.schedules import alpha_schedule
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KERNEL_LAYOUTS",
+    "MARGINS",
     "NOISE_VARIANTS",
     "FusedHeadOutput",
     "FusedNoisySoftmaxHead",
@@ -46,9 +48,11 @@ __all__ = [
     "alpha_schedule",
     "checked_fused_noisy_softmax_cross_entropy",
     "checked_noisy_softmax_cross_entropy",
+    "class_cosines",
     "fused_noisy_softmax_cross_entropy",
     "fused_top_k",
     "head_output",
+    "margin_logits",
     "noisy_logits",
     "noisy_softmax_cross_entropy",
     "noisy_target_logit",

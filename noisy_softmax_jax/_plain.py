@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from noisy_softmax_jax import _labels, _noise
+from noisy_softmax_jax import _labels, _margin, _noise
 
 
 def compute_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
@@ -31,8 +31,22 @@ def compute_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
 
 def noisy_target_logit(target_logit: jax.Array, rng: jax.Array | None, alpha: jax.Array,
                        sigma: jax.Array, amplitude: jax.Array | None, *, noise: str | None,
-                       shared_noise: bool, negative: bool) -> jax.Array:
-    """f~_y from f_y, shape ``[...]``; inputs already checked and in the compute dtype."""
+                       shared_noise: bool, negative: bool, margin: str | None = None,
+                       margin_value: jax.Array | None = None) -> jax.Array:
+    """f~_y from f_y, shape ``[...]``; inputs already checked and in the compute dtype.
+
+    With a `margin` (cosine logits, whose `amplitude` is the scale s), the margin goes on
+    after the noise: the annealing factor stays s (1 - cos theta_y), which fades.
+    """
+    noisy = _noisy(target_logit, rng, alpha, sigma, amplitude, noise=noise,
+                   shared_noise=shared_noise, negative=negative)
+    if margin is None:
+        return noisy
+    assert amplitude is not None and margin_value is not None  # a margin's scale and value
+    return _margin.margin_target(noisy, amplitude, margin_value, margin=margin)
+
+
+def _noisy(target_logit, rng, alpha, sigma, amplitude, *, noise, shared_noise, negative):
     if noise is None:  # nothing is drawn (no key, or alpha known to be 0)
         return target_logit
     dtype = target_logit.dtype
@@ -40,7 +54,7 @@ def noisy_target_logit(target_logit: jax.Array, rng: jax.Array | None, alpha: ja
     # else XLA redoes the hash and erfinv in every [..., classes] kernel that reads xi. Per
     # example, the draw knows which axes `jax.vmap` maps (`per_example_normal`).
     if shared_noise:
-        xi = _noise.standard_normal(rng, (), dtype)
+        xi = jax.random.normal(rng, (), dtype)
     else:
         xi = _noise.per_example_normal(rng, jax.lax.stop_gradient(target_logit))
     xi = _noise.computed_once(xi)
@@ -61,8 +75,8 @@ def noisy_target_logit(target_logit: jax.Array, rng: jax.Array | None, alpha: ja
 
 def noisy_logits(logits: jax.Array, labels: jax.Array, rng: jax.Array | None, alpha: jax.Array,
                  sigma: jax.Array, amplitude: jax.Array | None, *, noise: str | None,
-                 shared_noise: bool, negative: bool, axis: int = -1
-                 ) -> tuple[jax.Array, jax.Array]:
+                 shared_noise: bool, negative: bool, axis: int = -1, margin: str | None = None,
+                 margin_value: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The logits with the target entry along `axis` replaced by f~_y, and f~_y.
 
     `labels` must lie in ``[0, logits.shape[axis])`` (see ``_labels.safe``).
@@ -71,8 +85,8 @@ def noisy_logits(logits: jax.Array, labels: jax.Array, rng: jax.Array | None, al
     axis = axis % logits.ndim
     target = jnp.take_along_axis(logits, jnp.expand_dims(labels, axis), axis=axis)
     noisy_target = noisy_target_logit(
-        jnp.squeeze(target, axis), rng, alpha, sigma, amplitude,
-        noise=noise, shared_noise=shared_noise, negative=negative)
+        jnp.squeeze(target, axis), rng, alpha, sigma, amplitude, noise=noise,
+        shared_noise=shared_noise, negative=negative, margin=margin, margin_value=margin_value)
     is_target = jnp.moveaxis(_labels.is_target(labels, logits.shape[axis]), -1, axis)
     return jnp.where(is_target, jnp.expand_dims(noisy_target, axis), logits), noisy_target
 

@@ -1,4 +1,4 @@
-"""Argument checks shared by the loss and the diagnostics.
+"""Argument checks shared by every public function: the losses, the heads, the diagnostics.
 
 Shapes and dtypes are static, so they are checked in every call, traced or not. Values (the
 label range, the sign of ``alpha`` and ``sigma``, whether ``alpha`` is 0) are checked only
@@ -12,15 +12,51 @@ covers them.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 NOISE_VARIANTS = ("annealed", "amplitude", "free")
 """Names accepted by the ``noise`` argument: the paper's method and its ablations."""
 
 _NEEDS_AMPLITUDE = ("annealed", "amplitude")
+
+KernelLayout = Literal["features_classes", "classes_features"]
+KERNEL_LAYOUTS: tuple[KernelLayout, ...] = ("features_classes", "classes_features")
+"""Names accepted by ``kernel_layout``.
+
+``"features_classes"``: shape ``[num_features, num_classes]``, column ``j`` is
+:math:`W_j`; Flax's ``nn.Dense`` and ``nnx.Linear`` kernels (the default).
+``"classes_features"``: shape ``[num_classes, num_features]``, row ``j`` is
+:math:`W_j`; Equinox's ``eqx.nn.Linear.weight``, PyTorch's ``nn.Linear.weight``
+and InsightFace-style class centres.
+"""
+
+_SHAPES = {
+    "features_classes": "[num_features, num_classes]",
+    "classes_features": "[num_classes, num_features]",
+}
+_OWNERS = {
+    "features_classes": "Flax's nn.Dense / nnx.Linear kernel",
+    "classes_features": "Equinox's eqx.nn.Linear.weight, PyTorch's nn.Linear.weight",
+}
+
+MARGINS = ("cosface", "arcface")
+"""Names accepted by ``margin``: CosFace's additive cosine margin, ArcFace's additive angle."""
+
+# The papers' values: CosFace (Wang et al., 2018) s = 64, m = 0.35; ArcFace (Deng et al.,
+# 2019) s = 64, m = 0.5.
+DEFAULT_SCALE = 64.0
+DEFAULT_MARGIN_VALUES = {"cosface": 0.35, "arcface": 0.5}
+
+# Logits per block (batch x chunk) that the fused losses' default chunk size aims at: 2**21
+# float32 values are 8 MiB, a few of which (logits, exponentials, their gradient) stay far
+# below the 64 MiB of temporary memory the loss is meant to need at batch 512.
+_BLOCK_ELEMENTS = 2**21
+_CHUNK_MULTIPLE = 128  # lane width of accelerators; keeps blocks aligned on every backend
 
 
 def host_value(x) -> np.ndarray | None:
@@ -231,7 +267,8 @@ def check_where(
     return mask, kept
 
 
-def check_nonnegative_scalar(name: str, x) -> jax.Array:
+def check_nonnegative_scalar(name: str, x, *, positive: bool = False) -> jax.Array:
+    """A real scalar, >= 0 (> 0 if `positive`) and finite where its value is on the host."""
     # Read before the conversion: under jit, jnp.asarray makes even a Python number a tracer.
     raw = x
     x = _as_array(name, x)
@@ -247,8 +284,8 @@ def check_nonnegative_scalar(name: str, x) -> jax.Array:
         value = np.asarray(raw_value, np.float64)
         if jnp.issubdtype(x.dtype, jnp.floating) and abs(value) > jnp.finfo(x.dtype).max:
             value = np.copysign(np.inf, value)
-    if value is not None and not value >= 0:
-        raise ValueError(f"`{name}` must be >= 0; got {name} = {value}.")
+    if value is not None and not (value > 0 if positive else value >= 0):
+        raise ValueError(f"`{name}` must be {'> 0' if positive else '>= 0'}; got {name} = {value}.")
     if value is not None and not np.isfinite(value):
         # Also catches a Python float too large for float32 (1e39 becomes inf on conversion).
         raise ValueError(f"`{name}` must be finite; got {name} = {value}.")
@@ -313,3 +350,198 @@ def check_rng(rng) -> jax.Array | None:
             f"jax.random.PRNGKey(seed)); got an array of dtype {rng.dtype}."
         )
     return jnp.asarray(rng)
+
+
+def check_noise_arguments(
+    rng, alpha, sigma, noise: str, amplitude=None, *, examples: tuple | None = None,
+) -> tuple[jax.Array | None, jax.Array, jax.Array, str | None, jax.Array | None]:
+    """The noise's arguments, as every loss checks them; returns what the computation reads.
+
+    Returns ``(rng, alpha, sigma, noise, amplitude)``: `rng` and `noise` None where no noise
+    is drawn (no key, or an ``alpha`` known to be 0), `amplitude` checked against the
+    `examples` shape where given (``"free"`` noise does not read it) and returned only where
+    the drawn noise reads it. `examples` None: the caller computes the amplitude itself (the
+    fused losses), so none is needed.
+    """
+    rng, alpha, sigma, drawn = check_noise_scale(rng, alpha, sigma)
+    check_noise(noise, True if examples is None else amplitude, drawn=drawn)
+    if examples is not None and amplitude is not None and noise != "free":
+        amplitude = check_per_example("amplitude", amplitude, examples, floating=True)
+    if not drawn:
+        return None, alpha, sigma, None, None
+    return rng, alpha, sigma, noise, None if noise == "free" else amplitude
+
+
+def check_masked_labels(labels, where, logits: jax.Array | jax.ShapeDtypeStruct,
+                        axes: tuple[int, ...] = (-1,), *, per_logit: bool = True
+                        ) -> tuple[jax.Array, jax.Array | None]:
+    """The labels and the mask ``where``, as every loss checks them: returns both.
+
+    ``where`` has one entry per example or, if `per_logit`, may have one per logit. A label
+    that the mask's host values show masked out may be anything (padding such as -1); with
+    the mask's values unknown (traced), no label value is checked.
+    """
+    _require_class_axis(logits)
+    axes = tuple(a % logits.ndim for a in axes)
+    kept = None
+    if where is not None:
+        where, kept = check_where(where, logits if per_logit else None,
+                                  batch_shape(logits, axes), axes)
+    labels = check_labels(labels, logits, axes, examples=kept,
+                          check_values=where is None or kept is not None)
+    return labels, where
+
+
+def check_margin(margin: str | None, scale, margin_value, *, optional: bool = True
+                 ) -> tuple[jax.Array | None, jax.Array | None]:
+    """The margin's arguments; returns ``scale`` and ``margin_value`` as arrays (None without).
+
+    `scale` and `margin_value` default to the papers' values for the margin (see
+    `DEFAULT_SCALE`, `DEFAULT_MARGIN_VALUES`); given without a margin, they are an error
+    rather than ignored.
+    """
+    if margin is None and optional:
+        if scale is not None or margin_value is not None:
+            raise ValueError(
+                "`scale` and `margin_value` go with a margin: pass margin='cosface' or "
+                f"margin='arcface' (got scale = {scale!r}, margin_value = {margin_value!r}, "
+                "margin = None). For cosine logits without a margin, margin='cosface' with "
+                "margin_value=0.")
+        return None, None
+    if margin not in MARGINS:
+        allowed = ", ".join(repr(v) for v in MARGINS)
+        raise ValueError(f"`margin` must be one of {allowed}"
+                         f"{' or None' if optional else ''}; got {margin!r}.")
+    scale = check_nonnegative_scalar("scale", DEFAULT_SCALE if scale is None else scale,
+                                     positive=True)
+    margin_value = check_nonnegative_scalar(
+        "margin_value", DEFAULT_MARGIN_VALUES[margin] if margin_value is None else margin_value)
+    return scale, margin_value
+
+
+def check_kernel(features, kernel, kernel_layout: str) -> tuple[jax.Array, jax.Array, int]:
+    """Checks a classifier's ``kernel`` against its input; returns both and the class axis.
+
+    A kernel in the other layout is detected when ``num_features != num_classes`` and named
+    in the error; when they are equal (a square kernel) only the caller knows which axis
+    holds the classes.
+    """
+    if kernel_layout not in KERNEL_LAYOUTS:
+        raise ValueError(
+            f"`kernel_layout` must be one of {', '.join(repr(v) for v in KERNEL_LAYOUTS)}; "
+            f"got {kernel_layout!r}."
+        )
+    shape = _SHAPES[kernel_layout]
+    features = check_floating("features", features, "of shape [..., num_features]")
+    kernel = check_floating("kernel", kernel, f"of shape {shape}")
+    class_axis = 1 if kernel_layout == "features_classes" else 0
+    feature_axis = 1 - class_axis
+    if kernel.ndim != 2 or features.ndim < 1 or kernel.shape[feature_axis] != features.shape[-1]:
+        message = (
+            f"`kernel` must have shape {shape} with num_features = features.shape[-1] "
+            f"(kernel_layout={kernel_layout!r}, {_OWNERS[kernel_layout]}); got "
+            f"features.shape = {features.shape}, kernel.shape = {kernel.shape}."
+        )
+        transposed = kernel.ndim == 2 and features.ndim >= 1 and (
+            kernel.shape[class_axis] == features.shape[-1])
+        if transposed:
+            other = next(layout for layout in KERNEL_LAYOUTS if layout != kernel_layout)
+            message += (
+                f" The kernel looks like {_SHAPES[other]} ({_OWNERS[other]}): pass "
+                f"kernel_layout={other!r}."
+            )
+        raise ValueError(message)
+    return features, kernel, class_axis
+
+
+# -- the fused losses' blocks and mesh -------------------------------------------------------
+
+
+def check_blocks(features, kernel, *, kernel_layout, chunk_size, mesh, class_axis, dtype):
+    """What the fused loss and `fused_top_k` share: features ``[batch, dim]``, the kernel, its
+    blocks and their mesh. Returns the arrays and the fields of ``_blocks.Config``."""
+    features = check_floating("features", features, "of shape [batch, dim]")
+    if features.ndim != 2:
+        raise ValueError(f"`features` must have shape [batch, dim]; got shape {features.shape}.")
+    # The layout's name and the kernel's shape, with target_amplitude's errors.
+    features, kernel, class_dim = check_kernel(features, kernel, kernel_layout)
+    if kernel.shape[class_dim] < 1:
+        raise ValueError(
+            f"`kernel` must have at least one class (kernel.shape[{class_dim}] >= 1).")
+    batch, num_classes = features.shape[0], kernel.shape[class_dim]
+    batch_axes = check_sharding(mesh, class_axis, batch, num_classes, class_dim)
+    shards = 1 if mesh is None else mesh.shape[class_axis]
+    fields = dict(chunk_size=check_chunk_size(chunk_size, batch, num_classes // shards),
+                  mesh=mesh, class_axis=class_axis, batch_axes=batch_axes,
+                  kernel_class_dim=class_dim,
+                  matmul_dtype=check_matmul_dtype(dtype, features, kernel))
+    return features, kernel, fields
+
+
+def check_matmul_dtype(dtype, features, kernel) -> np.dtype:
+    if dtype is None:
+        return np.dtype(jnp.result_type(features, kernel))
+    try:
+        dtype = np.dtype(jnp.dtype(dtype))
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            "`dtype` must be a floating dtype, the matmul's (jnp.bfloat16, jnp.float16, "
+            f"jnp.float32, jnp.float64), or None for that of the inputs; got {dtype!r}.")
+    return dtype
+
+
+def check_sharding(mesh, class_axis, batch, num_classes, class_dim) -> tuple[str, ...]:
+    """The mesh axes the batch is split over; checks that the mesh fits the shapes."""
+    if mesh is None and class_axis is None:
+        return ()
+    if mesh is None or class_axis is None:
+        raise ValueError(
+            "`mesh` and `class_axis` go together: the kernel's classes are split over the mesh "
+            f"axis `class_axis`; got mesh = {mesh!r}, class_axis = {class_axis!r}.")
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"`mesh` must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
+    if class_axis not in mesh.axis_names:
+        raise ValueError(
+            f"`class_axis` must name an axis of `mesh`, one of {mesh.axis_names}; "
+            f"got {class_axis!r}.")
+    shards = mesh.shape[class_axis]
+    if num_classes % shards:
+        raise ValueError(
+            f"the number of classes (kernel.shape[{class_dim}] = {num_classes}) must be "
+            f"divisible by the size of mesh axis {class_axis!r} ({shards}), which splits them.")
+    batch_axes = tuple(name for name in mesh.axis_names if name != class_axis)
+    batch_shards = math.prod(mesh.shape[name] for name in batch_axes)
+    if batch % batch_shards:
+        raise ValueError(
+            f"the batch (features.shape[0] = {batch}) must be divisible by {batch_shards}, the "
+            f"size of the mesh axes {batch_axes} other than `class_axis`, which split it.")
+    return batch_axes
+
+
+def check_chunk_size(chunk_size, batch, classes_per_shard) -> int:
+    """Classes per block: the given number, or about 2**21 / batch (a multiple of 128), at
+    most the classes of a shard."""
+    if chunk_size is None:
+        chunk_size = max(_CHUNK_MULTIPLE,
+                         _BLOCK_ELEMENTS // max(batch, 1) // _CHUNK_MULTIPLE * _CHUNK_MULTIPLE)
+    elif (isinstance(chunk_size, bool)
+          or not isinstance(chunk_size, int | np.integer) or chunk_size < 1):
+        raise ValueError(f"`chunk_size` must be a positive integer or None; got {chunk_size!r}.")
+    return int(min(chunk_size, max(classes_per_shard, 1)))
+
+
+def check_block_labels(labels, where, batch: int, num_classes: int
+                       ) -> tuple[jax.Array, jax.Array | None]:
+    """The fused loss's labels, one per row of the features, and its per-example mask."""
+    if np.shape(labels) != (batch,):
+        raise ValueError(
+            f"`labels` must have shape [batch] = ({batch},), one class per row of `features`; "
+            f"got labels.shape = {np.shape(labels)}.")
+    if num_classes > np.iinfo(np.int32).max:
+        raise ValueError(f"at most {np.iinfo(np.int32).max} classes; got {num_classes}.")
+    # The main loss's checks, with the shape of the logits that are never formed.
+    return check_masked_labels(labels, where, jax.ShapeDtypeStruct((batch, num_classes),
+                                                                   jnp.float32),
+                               per_logit=False)

@@ -7,34 +7,15 @@ plain JAX); the Flax heads (:class:`noisy_softmax_jax.NoisySoftmaxHead`,
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from noisy_softmax_jax import _validation
+from noisy_softmax_jax import _labels, _plain, _validation
+from noisy_softmax_jax._validation import KERNEL_LAYOUTS, KernelLayout
 
 __all__ = ["KERNEL_LAYOUTS", "KernelLayout", "safe_norm", "target_amplitude"]
-
-KernelLayout = Literal["features_classes", "classes_features"]
-KERNEL_LAYOUTS: tuple[KernelLayout, ...] = ("features_classes", "classes_features")
-"""Names accepted by ``kernel_layout``.
-
-``"features_classes"``: shape ``[num_features, num_classes]``, column ``j`` is
-:math:`W_j`; Flax's ``nn.Dense`` and ``nnx.Linear`` kernels (the default).
-``"classes_features"``: shape ``[num_classes, num_features]``, row ``j`` is
-:math:`W_j`; Equinox's ``eqx.nn.Linear.weight``, PyTorch's ``nn.Linear.weight``
-and InsightFace-style class centres.
-"""
-
-_SHAPES = {
-    "features_classes": "[num_features, num_classes]",
-    "classes_features": "[num_classes, num_features]",
-}
-_OWNERS = {
-    "features_classes": "Flax's nn.Dense / nnx.Linear kernel",
-    "classes_features": "Equinox's eqx.nn.Linear.weight, PyTorch's nn.Linear.weight",
-}
 
 
 def safe_norm(x: jax.typing.ArrayLike, axis: int = -1) -> jax.Array:
@@ -53,50 +34,35 @@ def safe_norm(x: jax.typing.ArrayLike, axis: int = -1) -> jax.Array:
       ``||x||`` along ``axis``.
     """
     x = jnp.asarray(x)
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    x = x.astype(_plain.compute_dtype(x.dtype))
     squared = jnp.sum(x * x, axis=axis)
     positive = squared > 0
     # The inner where keeps sqrt's infinite derivative at 0 out of the backward pass.
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
 
 
-def checked_kernel(
-    features: jax.typing.ArrayLike,
-    kernel: jax.typing.ArrayLike,
-    kernel_layout: str,
-) -> tuple[jax.Array, jax.Array, int]:
-    """Checks a classifier's ``kernel`` against its input; returns both and the class axis.
+def label_amplitude(labels: jax.Array, num_classes: int, where: jax.Array | None,
+                    amplitude_of: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """``amplitude_of(labels)``, with the loss's rule for the labels that index no class.
 
-    A kernel in the other layout is detected when ``num_features !=
-    num_classes`` and named in the error; when they are equal (a square
-    kernel) only the caller knows which axis holds the classes.
+    A label outside ``[0, num_classes)`` is replaced by class 0 before it indexes anything
+    (-1 is not the last class); its amplitude is NaN, as its loss is, unless ``where`` masks
+    its example out: then 0, with no gradient, as any masked example's loss.
     """
-    if kernel_layout not in KERNEL_LAYOUTS:
-        raise ValueError(
-            f"`kernel_layout` must be one of {', '.join(repr(v) for v in KERNEL_LAYOUTS)}; "
-            f"got {kernel_layout!r}."
-        )
-    shape = _SHAPES[kernel_layout]
-    features = _validation.check_floating("features", features, "of shape [..., num_features]")
-    kernel = _validation.check_floating("kernel", kernel, f"of shape {shape}")
-    class_axis = 1 if kernel_layout == "features_classes" else 0
-    feature_axis = 1 - class_axis
-    if kernel.ndim != 2 or features.ndim < 1 or kernel.shape[feature_axis] != features.shape[-1]:
-        message = (
-            f"`kernel` must have shape {shape} with num_features = features.shape[-1] "
-            f"(kernel_layout={kernel_layout!r}, {_OWNERS[kernel_layout]}); got "
-            f"features.shape = {features.shape}, kernel.shape = {kernel.shape}."
-        )
-        transposed = kernel.ndim == 2 and features.ndim >= 1 and (
-            kernel.shape[class_axis] == features.shape[-1])
-        if transposed:
-            other = next(layout for layout in KERNEL_LAYOUTS if layout != kernel_layout)
-            message += (
-                f" The kernel looks like {_SHAPES[other]} ({_OWNERS[other]}): pass "
-                f"kernel_layout={other!r}."
-            )
-        raise ValueError(message)
-    return features, kernel, class_axis
+    valid = _labels.in_range(labels, num_classes)
+    amplitude = amplitude_of(_labels.safe(labels, valid))
+    amplitude = jnp.where(valid, amplitude, jnp.nan)
+    if where is not None:
+        amplitude = jnp.where(where, amplitude, jnp.zeros_like(amplitude))
+    return amplitude
+
+
+def checked_labels(labels, where, batch_shape: tuple, num_classes: int
+                   ) -> tuple[jax.Array, jax.Array | None]:
+    """The labels and per-example mask of an amplitude, checked as the loss checks them."""
+    return _validation.check_masked_labels(
+        labels, where, jax.ShapeDtypeStruct(tuple(batch_shape) + (num_classes,), jnp.float32),
+        per_logit=False)
 
 
 def target_amplitude(
@@ -105,6 +71,7 @@ def target_amplitude(
     labels: jax.typing.ArrayLike,
     *,
     kernel_layout: KernelLayout = "features_classes",
+    where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
     r"""Computes the per-example amplitude :math:`\|W_{y}\| \|x\|`.
 
@@ -128,11 +95,16 @@ def target_amplitude(
         features @ kernel``) or ``[num_classes, num_features]`` (Equinox's
         ``eqx.nn.Linear.weight``, PyTorch's ``nn.Linear.weight``: ``logits =
         features @ kernel.T``).
-      labels: Integer class indices, shape ``[...]``.
+      labels: Integer class indices, shape ``[...]``. Labels that index no class follow
+        the loss's rule: one that ``where`` masks out may be anything (padding such as -1)
+        and gets amplitude 0; an unmasked one raises eagerly (where its value is on the
+        host) and gives NaN under ``jit``. None is ever wrapped around (-1 is not the last
+        class).
       kernel_layout: ``"features_classes"`` (default) or ``"classes_features"``.
+      where: Optional boolean mask of the examples, shape ``[...]``, as given to the loss.
 
     Returns:
-      Amplitudes, shape ``[...]``, in at least float32.
+      Amplitudes, shape ``[...]``, in at least float32; 0 where ``where`` is False.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -147,9 +119,16 @@ def target_amplitude(
       >>> weight = kernel.T  # e.g. eqx.nn.Linear(2, 3, use_bias=False, key=key).weight
       >>> target_amplitude(features, weight, jnp.array([1]), kernel_layout="classes_features")
       Array([10.], dtype=float32)
+
+      Padding labels, masked out as for the loss:
+
+      >>> target_amplitude(jnp.ones((2, 2)), kernel, jnp.array([1, -1]),
+      ...                  where=jnp.array([True, False]))
+      Array([2.828427, 0.      ], dtype=float32)
     """
-    features, kernel, class_axis = checked_kernel(features, kernel, kernel_layout)
+    features, kernel, class_axis = _validation.check_kernel(features, kernel, kernel_layout)
     num_classes = kernel.shape[class_axis]
-    class_logits = jnp.zeros(features.shape[:-1] + (num_classes,), features.dtype)
-    labels = _validation.check_labels(labels, class_logits)
-    return safe_norm(features, axis=-1) * safe_norm(kernel, axis=1 - class_axis)[labels]
+    labels, where = checked_labels(labels, where, features.shape[:-1], num_classes)
+    feature_norm = safe_norm(features, axis=-1)
+    class_norm = safe_norm(kernel, axis=1 - class_axis)
+    return label_amplitude(labels, num_classes, where, lambda y: feature_norm * class_norm[y])

@@ -7,8 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from noisy_softmax_jax import _labels, _validation
-from noisy_softmax_jax import loss as loss_lib
+from noisy_softmax_jax import _labels, _plain, _validation
 
 __all__ = ["saturation_metrics", "top_class_fraction"]
 
@@ -85,25 +84,20 @@ def saturation_metrics(
       (0.5, 0.25)
     """
     logits = _validation.check_floating("logits", logits, "of shape [..., num_classes]")
-    kept = None
-    if where is not None:
-        where, kept = _validation.check_where(where, None, logits.shape[:-1])
-    labels = _validation.check_labels(labels, logits, examples=kept,
-                                      check_values=where is None or kept is not None)
-    if amplitude is not None:
+    labels, where = _validation.check_masked_labels(labels, where, logits, per_logit=False)
+    if amplitude is not None:  # reported whatever the noise reads
         amplitude = _validation.check_per_example("amplitude", amplitude, labels, floating=True)
-    rng, alpha, sigma, drawn = _validation.check_noise_scale(rng, alpha, sigma)
-    _validation.check_noise(noise, amplitude, drawn=drawn)
+    rng, alpha, sigma, drawn, noise_amplitude = _validation.check_noise_arguments(
+        rng, alpha, sigma, noise, amplitude, examples=labels.shape)
     return _saturation_metrics(
-        logits, labels, amplitude, rng if drawn else None, alpha, sigma, where, threshold,
-        noise=noise if drawn else None, shared_noise=bool(shared_noise),
-        negative=bool(negative))
+        logits, labels, amplitude, noise_amplitude, rng, alpha, sigma, where, threshold,
+        noise=drawn, shared_noise=bool(shared_noise), negative=bool(negative))
 
 
 @functools.partial(jax.jit, static_argnames=("noise", "shared_noise", "negative"))
-def _saturation_metrics(logits, labels, amplitude, rng, alpha, sigma, where, threshold, *,
-                        noise, shared_noise, negative):
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+def _saturation_metrics(logits, labels, amplitude, noise_amplitude, rng, alpha, sigma, where,
+                        threshold, *, noise, shared_noise, negative):
+    logits = logits.astype(_plain.compute_dtype(logits.dtype))
     num_classes = logits.shape[-1]
     # A masked example's label may be padding: replaced by a safe one, its values left out
     # by the mask; an unmasked out-of-range one makes the metrics NaN, as it makes the loss.
@@ -115,9 +109,8 @@ def _saturation_metrics(logits, labels, amplitude, rng, alpha, sigma, where, thr
     target_prob = jnp.exp(target - log_normalizer)
 
     def perturb(t):
-        return loss_lib._noisy_target_logit(
-            t, rng, alpha, sigma, None if noise == "free" else amplitude,
-            noise=noise, shared_noise=shared_noise, negative=negative)
+        return _plain.noisy_target_logit(t, rng, alpha, sigma, noise_amplitude, noise=noise,
+                                         shared_noise=shared_noise, negative=negative)
 
     # The perturbation is elementwise in f_y, so a JVP with ones gives its derivative.
     noisy_target, dnoisy_dtarget = jax.jvp(perturb, (target,), (jnp.ones_like(target),))

@@ -18,8 +18,8 @@ from flax import struct
 from flax.typing import PrecisionLike
 from jax.sharding import Mesh
 
-from noisy_softmax_jax._validation import check_labels
-from noisy_softmax_jax.amplitude import KernelLayout, checked_kernel, safe_norm
+from noisy_softmax_jax._validation import KernelLayout, check_kernel
+from noisy_softmax_jax.amplitude import checked_labels, label_amplitude, safe_norm
 from noisy_softmax_jax.large_class import fused_noisy_softmax_cross_entropy
 from noisy_softmax_jax.large_class_top_k import fused_top_k
 
@@ -43,9 +43,19 @@ class HeadOutput(NamedTuple):
     feature_norm: jax.Array
     class_norm: jax.Array
 
-    def amplitude(self, labels: jax.typing.ArrayLike) -> jax.Array:
-        """Per-example :math:`\\|W_y\\|\\|x\\|`, the loss's ``amplitude``, shape ``[...]``."""
-        return self.feature_norm * self.class_norm[jnp.asarray(labels)]
+    def amplitude(self, labels: jax.typing.ArrayLike,
+                  where: jax.typing.ArrayLike | None = None) -> jax.Array:
+        """Per-example :math:`\\|W_y\\|\\|x\\|`, the loss's ``amplitude``, shape ``[...]``.
+
+        Labels that index no class follow the loss's rule, as in
+        :func:`noisy_softmax_jax.target_amplitude`: masked out by ``where`` (the loss's
+        per-example mask), anything goes (padding such as -1) and the amplitude is 0;
+        unmasked, they raise eagerly and give NaN under ``jit``, never wrapping around.
+        """
+        num_classes = self.class_norm.shape[0]
+        labels, where = checked_labels(labels, where, self.feature_norm.shape, num_classes)
+        return label_amplitude(labels, num_classes, where,
+                               lambda y: self.feature_norm * self.class_norm[y])
 
 
 def _accumulation_dtype(dtype: Any) -> Any:
@@ -134,7 +144,7 @@ def head_output(
       >>> out.logits.shape, out.amplitude(jnp.array([0, 1, 2, 3])).shape
       ((4, 10), (4,))
     """
-    features, kernel, class_axis = checked_kernel(features, kernel, kernel_layout)
+    features, kernel, class_axis = check_kernel(features, kernel, kernel_layout)
     if bias is not None:
         bias = jnp.asarray(bias)
     x, kernel_c, bias_c = nn.dtypes.promote_dtype(features, kernel, bias, dtype=dtype)
@@ -253,6 +263,12 @@ class FusedHeadOutput:
       class_axis: The mesh axis that splits the classes.
       dtype: The matmul's dtype (``None``: the promoted dtype of ``features`` and
         ``kernel``); see :func:`noisy_softmax_jax.fused_noisy_softmax_cross_entropy`.
+      margin: ``None`` (the linear logits :math:`x^\\top W_j`), ``"cosface"`` or
+        ``"arcface"``: cosine logits :math:`s\\cos\\theta_j` with that margin on the
+        target, in :meth:`loss`, and the ranking by :math:`\\cos\\theta_j` in :meth:`top_k`.
+      scale: The cosine logits' scale :math:`s` (``None``: 64); with a margin only.
+      margin_value: The margin :math:`m` (``None``: 0.35 for CosFace, 0.5 for ArcFace);
+        with a margin only.
     """
 
     features: jax.Array
@@ -261,6 +277,9 @@ class FusedHeadOutput:
     mesh: Mesh | None = struct.field(pytree_node=False, default=None)
     class_axis: str | None = struct.field(pytree_node=False, default=None)
     dtype: Any = struct.field(pytree_node=False, default=None)
+    margin: str | None = struct.field(pytree_node=False, default=None)
+    scale: float | None = struct.field(pytree_node=False, default=None)
+    margin_value: float | None = struct.field(pytree_node=False, default=None)
 
     def loss(
         self,
@@ -277,38 +296,49 @@ class FusedHeadOutput:
         """Per-example noisy softmax losses, ``[batch]``, without the logits.
 
         :func:`noisy_softmax_jax.fused_noisy_softmax_cross_entropy` of ``features`` and
-        ``kernel`` with this output's ``chunk_size``, ``mesh`` and ``class_axis``: the
-        value and gradients of the materialised head's
+        ``kernel`` with this output's ``chunk_size``, ``mesh``, ``class_axis``, ``dtype``
+        and margin: without a margin, the value and gradients of the materialised head's
         ``noisy_softmax_cross_entropy(out.logits, labels, rng, alpha,
-        amplitude=out.amplitude(labels), ...)`` for the same key. ``alpha = 0`` is
-        plain softmax cross-entropy. The arguments are the loss's.
+        amplitude=out.amplitude(labels), ...)`` for the same key; with one, of
+        :func:`noisy_softmax_jax.margin_logits` on the cosines. ``alpha = 0`` (or
+        ``rng=None``) is the cross-entropy without noise. The arguments are the loss's.
         """
         return fused_noisy_softmax_cross_entropy(
             self.features, self.kernel, labels, rng, alpha, noise=noise, sigma=sigma,
-            where=where, shared_noise=shared_noise, negative=negative,
-            chunk_size=self.chunk_size, mesh=self.mesh, class_axis=self.class_axis,
-            dtype=self.dtype)
+            where=where, shared_noise=shared_noise, negative=negative, margin=self.margin,
+            scale=self.scale, margin_value=self.margin_value, chunk_size=self.chunk_size,
+            mesh=self.mesh, class_axis=self.class_axis, dtype=self.dtype)
 
     def top_k(self, k: int) -> tuple[jax.Array, jax.Array]:
         """The ``k`` largest clean logits and their classes, ``[batch, k]`` each, largest first.
 
-        :func:`noisy_softmax_jax.fused_top_k`, for top-1 / top-k accuracy at evaluation.
+        :func:`noisy_softmax_jax.fused_top_k`, for top-1 / top-k accuracy at evaluation;
+        with a margin, of the cosines :math:`\\cos\\theta_j` (``cosine=True``), which rank
+        the classes as the margin loss's logits :math:`s\\cos\\theta_j` do.
         """
         return fused_top_k(self.features, self.kernel, k, chunk_size=self.chunk_size,
-                           mesh=self.mesh, class_axis=self.class_axis, dtype=self.dtype)
+                           mesh=self.mesh, class_axis=self.class_axis, dtype=self.dtype,
+                           cosine=self.margin is not None)
 
-    def amplitude(self, labels: jax.typing.ArrayLike) -> jax.Array:
+    def amplitude(self, labels: jax.typing.ArrayLike,
+                  where: jax.typing.ArrayLike | None = None) -> jax.Array:
         """Per-example :math:`\\|W_y\\|\\|x\\|`, shape ``[batch]``, from the labelled columns.
 
-        The norms of the features and columns cast to ``dtype``, as the loss takes them.
+        The norms of the features and columns cast to ``dtype``, as the loss without a
+        margin takes them (with a margin, the noise's amplitude is the scale instead).
+        Padding labels follow the loss's rule, as in :meth:`HeadOutput.amplitude`.
         """
-        features, kernel, _ = checked_kernel(self.features, self.kernel, "features_classes")
+        features, kernel, _ = check_kernel(self.features, self.kernel, "features_classes")
         dtype = self.dtype if self.dtype is not None else jnp.result_type(features, kernel)
-        labels = check_labels(labels, jax.ShapeDtypeStruct(
-            (features.shape[0], kernel.shape[1]), dtype))
-        # The labelled columns only, then the cast: no cast copy of the whole kernel.
-        columns = kernel[:, labels].astype(dtype)
-        return safe_norm(features.astype(dtype), axis=-1) * safe_norm(columns, axis=0)
+        num_classes = kernel.shape[1]
+        labels, where = checked_labels(labels, where, features.shape[:1], num_classes)
+        feature_norm = safe_norm(features.astype(dtype), axis=-1)
+
+        def amplitude_of(labels):
+            # The labelled columns only, then the cast: no cast copy of the whole kernel.
+            return feature_norm * safe_norm(kernel[:, labels].astype(dtype), axis=0)
+
+        return label_amplitude(labels, num_classes, where, amplitude_of)
 
 
 class FusedNoisySoftmaxHead(nn.Module):
@@ -343,9 +373,17 @@ class FusedNoisySoftmaxHead(nn.Module):
       mesh: Optional ``jax.sharding.Mesh`` to split the classes over; needs ``class_axis``.
       class_axis: The mesh axis that splits the classes.
       dtype: The matmul's dtype (default: inferred from inputs); bfloat16 is multiplied
-        with float32 accumulation and the loss is float32.
+        with float32 accumulation, the logits' dtype, and so the loss is float32.
       param_dtype: Dtype of the kernel.
       kernel_init: Initializer of the kernel.
+      margin: ``None`` (default: the paper's linear logits), ``"cosface"`` or
+        ``"arcface"``: the loss on cosine logits :math:`s\cos\theta_j` with that margin
+        on the noisy target (see
+        :func:`noisy_softmax_jax.fused_noisy_softmax_cross_entropy`), and ``top_k`` by
+        cosine. The kernel and its initializer are the same either way.
+      scale: The cosine logits' scale :math:`s` (default 64); with a margin only.
+      margin_value: The margin :math:`m` (default 0.35 for CosFace, 0.5 for ArcFace);
+        with a margin only.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -375,6 +413,15 @@ class FusedNoisySoftmaxHead(nn.Module):
       >>> kernel = init(jax.random.key(0), features)["params"]["kernel"].value
       >>> kernel.sharding.spec == jax.P(None, "classes")
       True
+
+      CosFace with the noise (noise first, then the margin), evaluated by cosine:
+
+      >>> head = FusedNoisySoftmaxHead(1000, margin="cosface", scale=30.0, margin_value=0.35)
+      >>> params = head.init(jax.random.key(0), features)
+      >>> loss = head.apply(params, features, labels, jax.random.key(1), 0.1, method="loss")
+      >>> cosines, classes = head.apply(params, features, 5, method="top_k")
+      >>> bool(jnp.all(jnp.abs(cosines) <= 1.0 + 1e-6))
+      True
     """
 
     num_classes: int
@@ -384,6 +431,9 @@ class FusedNoisySoftmaxHead(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
+    margin: str | None = None
+    scale: float | None = None
+    margin_value: float | None = None
 
     def _partitioned_init(self, *args: Any) -> Any:
         """``kernel_init``'s kernel in an ``nn.Partitioned`` box split along the classes."""
@@ -402,7 +452,9 @@ class FusedNoisySoftmaxHead(nn.Module):
         # Only the features are promoted: the kernel is cast block by block inside the loss.
         (features,) = nn.dtypes.promote_dtype(features, dtype=self.dtype)
         return FusedHeadOutput(features, kernel, chunk_size=self.chunk_size, mesh=self.mesh,
-                               class_axis=self.class_axis, dtype=self.dtype)
+                               class_axis=self.class_axis, dtype=self.dtype,
+                               margin=self.margin, scale=self.scale,
+                               margin_value=self.margin_value)
 
     def loss(self, features: jax.Array, labels: jax.typing.ArrayLike, rng: jax.Array,
              alpha: jax.typing.ArrayLike, **kwargs: Any) -> jax.Array:

@@ -10,10 +10,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
-from noisy_softmax_jax import large_class
-from noisy_softmax_jax.amplitude import KernelLayout
+from noisy_softmax_jax import _blocks, _plain
+from noisy_softmax_jax._validation import KernelLayout
+from noisy_softmax_jax.margins import unit
 
 __all__ = ["fused_top_k"]
 
@@ -27,18 +28,17 @@ def _merge(values, indices, new_values, new_indices, k):
 
 
 def _top_k_shard(features, kernel, *, k, config, dtype):
-    offset = large_class._shard_offset(kernel, config)
+    offset = _blocks.shard_offset(kernel, config)
     batch = features.shape[0]
 
     def body(carry, block, start):
-        logits = large_class._block_logits(features, block, config.kernel_class_dim, dtype)
+        logits, _ = _blocks.block_logits(features, block, config, dtype)
         values, indices = jax.lax.top_k(logits, min(k, block.shape[config.kernel_class_dim]))
         best_values, best_indices = carry
         return _merge(best_values, best_indices, values, indices + (start + offset), k)
 
     carry = (jnp.full((batch, k), -jnp.inf, dtype), jnp.full((batch, k), -1, jnp.int32))
-    values, indices = large_class._over_blocks(body, carry, kernel, config.chunk_size,
-                                               config.kernel_class_dim, features.dtype)
+    values, indices = _blocks.over_blocks(body, carry, kernel, config)
     if config.class_axis is not None:
         # [batch, k] candidates from every shard, in shard (so class) order: [batch, shards * k].
         values, indices = (jax.lax.all_gather(x, config.class_axis, axis=1, tiled=True)
@@ -50,14 +50,16 @@ def _top_k_shard(features, kernel, *, k, config, dtype):
 
 @functools.partial(jax.jit, static_argnames=("config", "k"))
 def _top_k(features, kernel, *, k, config):
-    dtype = large_class._compute_dtype(config.matmul_dtype)
+    dtype = _plain.compute_dtype(config.matmul_dtype)
+    if config.cosine:  # unit features; each class weight is divided by its norm per block
+        features = unit(features.astype(dtype))
     features = features.astype(config.matmul_dtype)  # the kernel: block by block
     shard = functools.partial(_top_k_shard, k=k, config=config, dtype=dtype)
     if config.mesh is None:
         return shard(features, kernel)
-    rows = PartitionSpec(config.batch_axes or None, None)
-    return large_class._shard_map(
-        shard, config, in_specs=(rows, large_class._kernel_spec(config)),
+    rows = _blocks.feature_spec(config)
+    return _blocks.shard_map(
+        shard, config, in_specs=(rows, _blocks.kernel_spec(config)),
         out_specs=(rows, rows), out_like=(features, features))(features, kernel)
 
 
@@ -71,6 +73,7 @@ def fused_top_k(
     class_axis: str | None = None,
     kernel_layout: KernelLayout = "features_classes",
     dtype: jax.typing.DTypeLike | None = None,
+    cosine: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """The ``k`` largest logits of ``features @ kernel`` and their classes, block by block.
 
@@ -81,6 +84,13 @@ def fused_top_k(
     ``k`` of its classes and the shards exchange ``[batch, k]`` candidates. Use it for
     top-1 / top-5 accuracy at evaluation (no noise there: it needs the true label).
 
+    With ``cosine=True`` the values are the cosines
+    ``jax.lax.top_k(class_cosines(features, kernel), k)``
+    (:func:`noisy_softmax_jax.class_cosines`): the evaluation of a CosFace or ArcFace
+    model, whose logits :math:`s\\cos\\theta_j` rank the classes as the cosines do. The
+    features are normalised once and each class weight divided by its norm block by block,
+    so no normalised copy of the kernel is made.
+
     Args:
       features: Inputs of the classifier, shape ``[batch, dim]``, floating.
       kernel: Class weights, shape ``[dim, classes]`` (default) or ``[classes, dim]``
@@ -89,10 +99,12 @@ def fused_top_k(
       chunk_size, mesh, class_axis, kernel_layout, dtype: As in
         :func:`fused_noisy_softmax_cross_entropy` (``dtype``: the matmul's, each block of
         ``kernel`` cast to it inside the loop).
+      cosine: Rank by :math:`\\cos\\theta_j` (features and class weights L2-normalised)
+        instead of :math:`x^\\top W_j`.
 
     Returns:
-      ``(values, classes)``, both ``[batch, k]``, largest first; values in float32 for a
-      half-precision matmul, classes int32.
+      ``(values, classes)``, both ``[batch, k]``, largest first; values (logits, or cosines)
+      in float32 for a half-precision matmul, classes int32.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -116,10 +128,10 @@ def fused_top_k(
       Array([[1, 2],
              [0, 2]], dtype=int32)
     """
-    checked_features, checked_kernel, config = large_class._check_blocks(
+    checked_features, checked_kernel, config = _blocks.checked_config(
         features, kernel, kernel_layout=kernel_layout, chunk_size=chunk_size, mesh=mesh,
-        class_axis=class_axis, dtype=dtype)
-    num_classes = checked_kernel.shape[config.kernel_class_dim]
+        class_axis=class_axis, dtype=dtype, cosine=bool(cosine))
+    num_classes = _blocks.num_classes(checked_kernel, config)
     shards = 1 if mesh is None else mesh.shape[class_axis]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_classes // shards:
         raise ValueError(

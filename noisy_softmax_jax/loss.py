@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from noisy_softmax_jax import _fused, _labels, _plain, _validation
+from noisy_softmax_jax import _fused, _labels, _plain, _validation, _value_checks
 from noisy_softmax_jax._plain import compute_dtype as _compute_dtype
 from noisy_softmax_jax._plain import noisy_target_logit as _noisy_target_logit
 from noisy_softmax_jax._validation import NOISE_VARIANTS
@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 _STATIC = ("noise", "shared_noise", "negative", "axes")
+_STATIC_LOGITS = (*_STATIC, "margin")
 
 
 def _classes_last(x, axes):
@@ -79,17 +80,18 @@ def _masks(labels, where, num_classes, axes, ndim):
     return _labels.safe(labels, valid), valid, class_where, kept
 
 
-def _in_compute_dtype(logits, alpha, sigma, amplitude):
-    """`alpha`, `sigma` and `amplitude` in the dtype the logits are computed in."""
+def _in_compute_dtype(logits, alpha, sigma, amplitude, margin_value=None):
+    """`alpha`, `sigma`, `amplitude` (and a margin's value) in the logits' compute dtype."""
     dtype = _compute_dtype(logits.dtype)
     alpha, sigma = jnp.asarray(alpha, dtype), jnp.asarray(sigma, dtype)
-    return alpha, sigma, None if amplitude is None else amplitude.astype(dtype)
+    amplitude = None if amplitude is None else amplitude.astype(dtype)
+    return alpha, sigma, amplitude, None if margin_value is None else margin_value.astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _loss(logits, labels, rng, alpha, sigma, amplitude, where, *, noise, shared_noise,
           negative, axes):
-    alpha, sigma, amplitude = _in_compute_dtype(logits, alpha, sigma, amplitude)
+    alpha, sigma, amplitude, _ = _in_compute_dtype(logits, alpha, sigma, amplitude)
     classes_last = _classes_last(logits, axes)
     labels, valid, class_where, kept = _masks(labels, where, classes_last.shape[-1], axes,
                                               logits.ndim)
@@ -111,10 +113,13 @@ def _loss(logits, labels, rng, alpha, sigma, amplitude, where, *, noise, shared_
     return loss.astype(logits.dtype)  # Optax's dtype: the logits'
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _noisy_logits(logits, labels, rng, alpha, sigma, amplitude, where, *, noise, shared_noise,
-                  negative, axes):
-    alpha, sigma, amplitude = _in_compute_dtype(logits, alpha, sigma, amplitude)
+@functools.partial(jax.jit, static_argnames=_STATIC_LOGITS)
+def _noisy_logits(logits, labels, rng, alpha, sigma, amplitude, where, margin_value=None, *,
+                  noise, shared_noise, negative, axes, margin=None):
+    """The noisy logits; with a `margin` (cosine logits, `amplitude` their scale), the margin
+    on the noisy target too (``margins.margin_logits``)."""
+    alpha, sigma, amplitude, margin_value = _in_compute_dtype(logits, alpha, sigma, amplitude,
+                                                              margin_value)
     dtype = _compute_dtype(logits.dtype)
     # One class axis is perturbed where it is; several are moved last and flattened first.
     axis, moved = (axes[0], logits) if len(axes) == 1 else (-1, _classes_last(logits, axes))
@@ -122,7 +127,8 @@ def _noisy_logits(logits, labels, rng, alpha, sigma, amplitude, where, *, noise,
     valid = _labels.in_range(labels, num_classes)
     noisy = _plain.noisy_logits(moved, _labels.safe(labels, valid), rng, alpha, sigma,
                                 amplitude, noise=noise, shared_noise=shared_noise,
-                                negative=negative, axis=axis)[0]
+                                negative=negative, axis=axis, margin=margin,
+                                margin_value=margin_value)[0]
     # An unmasked out-of-range label has no entry to perturb: its row is NaN, so that any
     # loss of it is NaN too. Masked examples are returned as they are.
     noisy = jnp.where(jnp.expand_dims(valid, axis), noisy, jnp.nan)
@@ -138,21 +144,9 @@ def _check_arguments(logits, labels, rng, alpha, amplitude, noise, sigma, where,
     and no `amplitude` where no noise is drawn, and the `noise` to draw (None: none)."""
     logits = _validation.check_floating("logits", logits, "of shape [..., num_classes]")
     axes = _validation.check_class_axes(axis, logits)
-    kept = None
-    if where is not None:
-        where, kept = _validation.check_where(
-            where, logits, _validation.batch_shape(logits, axes), axes)
-    # A masked label may be anything; with the mask's values unknown, none is checked.
-    labels = _validation.check_labels(labels, logits, axes, examples=kept,
-                                      check_values=where is None or kept is not None)
-    rng, alpha, sigma, drawn = _validation.check_noise_scale(rng, alpha, sigma)
-    _validation.check_noise(noise, amplitude, drawn=drawn)
-    if amplitude is not None and noise != "free":  # "free" noise does not read it
-        amplitude = _validation.check_per_example("amplitude", amplitude, labels, floating=True)
-    if not drawn:
-        rng, amplitude, noise = None, None, None
-    elif noise == "free":
-        amplitude = None
+    labels, where = _validation.check_masked_labels(labels, where, logits, axes)
+    rng, alpha, sigma, noise, amplitude = _validation.check_noise_arguments(
+        rng, alpha, sigma, noise, amplitude, examples=labels.shape)
     return logits, labels, rng, alpha, sigma, amplitude, where, axes, noise
 
 
@@ -244,18 +238,10 @@ def noisy_softmax_cross_entropy(
       alpha: Non-negative noise scale, a Python float or a scalar array. It is
         traced: changing it between calls does not recompile. ``alpha = 0``
         gives exactly ``optax.softmax_cross_entropy_with_integer_labels``.
-        The paper uses about 0.1. Measured safe range (annealed noise, a small
-        CNN with SGD + momentum on MNIST and Fashion-MNIST): ``alpha <= 0.2``;
-        at 0.5 and above the network escapes the noise by driving its features
-        to zero (every logit equal, chance accuracy) within a few dozen steps,
-        whatever the learning rate. Watch ``amplitude`` in
-        :func:`noisy_softmax_jax.saturation_metrics`. Within that range, on
-        full MNIST and Fashion-MNIST and on 1000- and 5000-example subsets
-        trained to zero training error (5 seeds each), it matched plain softmax
-        within the seed spread; it postponed saturation by 140-250 steps
-        (alpha 0.1-0.2, 10-20 %) on 5000 Fashion-MNIST examples and by at most
-        80 elsewhere, without a lower test error; label smoothing 0.1 did
-        better on the subsets (see the README's Results).
+        The paper uses about 0.1. What our experiments measured (the range that
+        trains, the collapse above it, the comparison with plain softmax and label
+        smoothing) is on the documentation's Results page (``docs/results.md`` in
+        the repository), beside the runs it comes from.
       amplitude: Per-example :math:`\|W_y\|\|x\|`, shape ``[...]``, needed by
         ``"annealed"`` and ``"amplitude"`` noise whenever noise is drawn (a key
         and an ``alpha`` not known to be 0); ignored by ``"free"``. Get it from
@@ -440,52 +426,31 @@ def noisy_target_logit(
       Array([3., 1.], dtype=float32)
     """
     target_logit = _validation.check_floating("target_logit", target_logit, "of shape [...]")
-    rng, alpha, sigma, drawn = _validation.check_noise_scale(rng, alpha, sigma)
-    _validation.check_noise(noise, amplitude, drawn=drawn)
-    checked = None
-    if amplitude is not None and noise != "free":  # "free" noise does not read it
-        checked = _validation.check_per_example("amplitude", amplitude, target_logit,
-                                                floating=True)
+    rng, alpha, sigma, drawn, amplitude = _validation.check_noise_arguments(
+        rng, alpha, sigma, noise, amplitude, examples=target_logit.shape)
     target_logit = target_logit.astype(_compute_dtype(target_logit.dtype))
-    if not drawn:
+    if drawn is None:
         return target_logit
-    return _noisy_target_logit(target_logit, rng, alpha, sigma, checked, noise=noise,
+    return _noisy_target_logit(target_logit, rng, alpha, sigma, amplitude, noise=drawn,
                                shared_noise=bool(shared_noise), negative=bool(negative))
 
 
-def _value_checks(logits, labels, alpha, sigma, amplitude, where, *, axes):
-    """The checks of the checked variant, on the inputs only: the loss is computed beside
-    them, not inside `checkify`, so that every transformation of it keeps working."""
+def _checks(logits, labels, alpha, sigma, amplitude, where, *, axes):
+    """The checks of the checked variant, on the inputs only (``_value_checks``)."""
     num_classes = math.prod(logits.shape[a] for a in axes)
     per_logit = where is not None and where.ndim == logits.ndim
     kept = jnp.any(where, axis=axes) if per_logit else where
     # Masked examples (and, for a mask of the logits' shape, masked logits) are not reported:
     # padding labels and -inf logits of excluded classes are what masks are for.
-    out_of_range = ~_labels.in_range(labels, num_classes)
-    if kept is not None:
-        out_of_range = out_of_range & kept
-    checkify.check(
-        ~jnp.any(out_of_range),
-        "`labels` must lie in [0, {num_classes}); found label {label}.",
-        num_classes=jnp.asarray(num_classes),
-        label=jnp.where(jnp.any(out_of_range),
-                        labels.ravel()[jnp.argmax(out_of_range.ravel())], 0) if labels.size else 0,
-    )
-    finite = jnp.isfinite(logits)
-    if where is not None:
-        finite = finite | ~(where if per_logit else jnp.expand_dims(where, axes))
-    checkify.check(jnp.all(finite), "`logits` contains NaN or infinity.")
+    _value_checks.labels_in_range(labels, num_classes, kept)
+    _value_checks.finite("logits", logits, False if where is None else
+                         ~(where if per_logit else jnp.expand_dims(where, axes)))
     if amplitude is not None:
-        checkify.check(jnp.all(jnp.isfinite(amplitude) | (False if kept is None else ~kept)),
-                       "`amplitude` contains NaN or infinity.")
-    checkify.check(alpha >= 0, "`alpha` must be >= 0; got {alpha}.", alpha=alpha)
-    checkify.check(sigma >= 0, "`sigma` must be >= 0; got {sigma}.", sigma=sigma)
-    checkify.check(jnp.isfinite(alpha), "`alpha` must be finite; got {alpha}.", alpha=alpha)
-    checkify.check(jnp.isfinite(sigma), "`sigma` must be finite; got {sigma}.", sigma=sigma)
+        _value_checks.finite("amplitude", amplitude, False if kept is None else ~kept)
+    _value_checks.nonnegative_and_finite(alpha=alpha, sigma=sigma)
 
 
-_checked_values = jax.jit(checkify.checkify(_value_checks, errors=checkify.user_checks),
-                          static_argnames=("axes",))
+_check_values = _value_checks.checker(_checks, static_argnames=("axes",))
 
 
 def checked_noisy_softmax_cross_entropy(
@@ -531,6 +496,6 @@ def checked_noisy_softmax_cross_entropy(
     """
     logits, labels, rng, alpha, sigma, amplitude, where, axes, noise = _check_arguments(
         logits, labels, rng, alpha, amplitude, noise, sigma, where, axis)
-    error, _ = _checked_values(logits, labels, alpha, sigma, amplitude, where, axes=axes)
+    error = _check_values(logits, labels, alpha, sigma, amplitude, where, axes=axes)
     return error, _loss(logits, labels, rng, alpha, sigma, amplitude, where, noise=noise,
                         shared_noise=bool(shared_noise), negative=bool(negative), axes=axes)

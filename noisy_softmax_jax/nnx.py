@@ -316,6 +316,11 @@ class FusedNoisySoftmaxHead(nnx.Module):
       dtype: The matmul's dtype (default: inferred from inputs).
       param_dtype: Dtype of the kernel.
       kernel_init: Initializer of the kernel.
+      margin: ``None`` (default), ``"cosface"`` or ``"arcface"``: the loss on cosine logits
+        with that margin, and ``top_k`` by cosine, as in the Linen head.
+      scale: The cosine logits' scale :math:`s` (default 64); with a margin only.
+      margin_value: The margin :math:`m` (default 0.35 for CosFace, 0.5 for ArcFace);
+        with a margin only.
       rngs: The ``nnx.Rngs`` the kernel is drawn from (its ``params`` stream).
 
     Examples:
@@ -351,6 +356,9 @@ class FusedNoisySoftmaxHead(nnx.Module):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         kernel_init: Callable[..., jax.Array] = _default_kernel_init,
+        margin: str | None = None,
+        scale: float | None = None,
+        margin_value: float | None = None,
         rngs: nnx.Rngs,
     ):
         self.in_features = in_features
@@ -359,6 +367,9 @@ class FusedNoisySoftmaxHead(nnx.Module):
         self.mesh = mesh
         self.class_axis = class_axis
         self.dtype = dtype
+        self.margin = margin
+        self.scale = scale
+        self.margin_value = margin_value
         kernel = kernel_init(rngs.params(), (in_features, num_classes), param_dtype)
         # A kernel_init made by nnx.with_partitioning keeps its own metadata. Ours comes from
         # nnx.with_partitioning too, which names it as the installed Flax does
@@ -373,7 +384,9 @@ class FusedNoisySoftmaxHead(nnx.Module):
         # Only the features are promoted: the kernel is cast block by block inside the loss.
         (features,) = nnx.nn.dtypes.promote_dtype((features,), dtype=self.dtype)
         return FusedHeadOutput(features, self.kernel[...], chunk_size=self.chunk_size,
-                               mesh=self.mesh, class_axis=self.class_axis, dtype=self.dtype)
+                               mesh=self.mesh, class_axis=self.class_axis, dtype=self.dtype,
+                               margin=self.margin, scale=self.scale,
+                               margin_value=self.margin_value)
 
     def loss(self, features: jax.Array, labels: jax.typing.ArrayLike, rng: jax.Array,
              alpha: jax.typing.ArrayLike, **kwargs: Any) -> jax.Array:

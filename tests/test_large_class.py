@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import AxisType, Mesh
 
 import noisy_softmax_jax as nsj
-from noisy_softmax_jax import large_class
+from noisy_softmax_jax import _blocks, _validation
 
 VARIANTS = ["annealed", "amplitude", "free"]
 LAYOUTS = ["features_classes", "classes_features"]
@@ -310,10 +310,10 @@ def test_sharded_equals_unsharded(shape, names, axis_type, kernel_layout):
 
 def test_sharded_classes_features_kernel_is_split_along_its_rows():
     mesh = class_mesh((2, 4), ("data", "classes"), AxisType.Explicit)
-    config = large_class._check_blocks(
+    config = _blocks.checked_config(
         jnp.ones((8, 8)), jnp.ones((96, 8)), kernel_layout="classes_features", chunk_size=None,
-        mesh=mesh, class_axis="classes")[2]
-    assert large_class._kernel_spec(config) == jax.sharding.PartitionSpec("classes", None)
+        mesh=mesh, class_axis="classes", dtype=None)[2]
+    assert _blocks.kernel_spec(config) == jax.sharding.PartitionSpec("classes", None)
 
 
 def _compiled_text(loss_fn, batch, dim, num_classes, dtype=jnp.float32,
@@ -487,10 +487,10 @@ def test_bad_input_raises_naming_the_argument(changes, error, match):
 
 def test_default_chunk_size():
     # About 2**21 logits per block, a multiple of 128, never more than the classes.
-    assert large_class._check_chunk_size(None, 512, 10**6) == 4096
-    assert large_class._check_chunk_size(None, 10**6, 10**6) == 128
-    assert large_class._check_chunk_size(None, 512, 100) == 100
-    assert large_class._check_chunk_size(1000, 512, 300) == 300
+    assert _validation.check_chunk_size(None, 512, 10**6) == 4096
+    assert _validation.check_chunk_size(None, 10**6, 10**6) == 128
+    assert _validation.check_chunk_size(None, 512, 100) == 100
+    assert _validation.check_chunk_size(1000, 512, 300) == 300
 
 
 # -- top-k at evaluation -------------------------------------------------------------------

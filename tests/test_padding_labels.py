@@ -57,6 +57,19 @@ def checked_fused(labels, where, x):
                                                          where=where, chunk_size=2)
 
 
+COSINES = nsj.class_cosines(FEATURES, KERNEL)
+
+
+def fused_margin(labels, where, x):
+    return nsj.fused_noisy_softmax_cross_entropy(x, KERNEL, labels, KEY, 0.2, where=where,
+                                                 margin="arcface", scale=8.0, chunk_size=2)
+
+
+def through_margin_logits(labels, where, x):
+    noisy = nsj.margin_logits(x, labels, KEY, 0.2, margin="cosface", scale=8.0, where=where)
+    return optax.softmax_cross_entropy_with_integer_labels(noisy, labels, where=where)
+
+
 # path -> (loss function, its differentiable input, whether it returns (error, loss))
 PATHS = {
     "dense": (dense, LOGITS, False),
@@ -65,6 +78,8 @@ PATHS = {
     "noisy_logits": (through_noisy_logits, LOGITS, False),
     "fused": (fused, FEATURES, False),
     "checked_fused": (checked_fused, FEATURES, True),
+    "fused_margin": (fused_margin, FEATURES, False),
+    "margin_logits": (through_margin_logits, COSINES, False),
 }
 
 
@@ -142,3 +157,68 @@ def test_saturation_metrics_skip_a_masked_padding_label(label):
     for name in ("target_prob", "saturated_fraction", "accuracy", "logit_std", "amplitude"):
         np.testing.assert_allclose(metrics[name], expected[name], rtol=1e-6, err_msg=name)
     assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+# The amplitude follows the loss's rule: masked padding gives 0 (and no gradient), an unmasked
+# label out of range raises eagerly and is NaN under jit, never the amplitude of another class.
+
+
+def _linen_head_output():
+    head = nsj.NoisySoftmaxHead(CLASSES)
+    params = {"params": {"kernel": KERNEL}}
+    return lambda x: head.apply(params, x)
+
+
+def _fused_head_output():
+    head = nsj.FusedNoisySoftmaxHead(CLASSES)
+    params = {"params": {"kernel": KERNEL}}
+    return lambda x: head.apply(params, x)
+
+
+AMPLITUDES = {
+    "target_amplitude": lambda labels, where, x: nsj.target_amplitude(x, KERNEL, labels,
+                                                                      where=where),
+    "head_output": lambda labels, where, x: _linen_head_output()(x).amplitude(labels, where),
+    "fused_head_output": lambda labels, where, x: _fused_head_output()(x).amplitude(labels,
+                                                                                    where),
+}
+
+
+@pytest.mark.parametrize("label", BAD_LABELS)
+@pytest.mark.parametrize("path", sorted(AMPLITUDES))
+def test_a_masked_padding_label_has_amplitude_zero_and_no_gradient(path, label):
+    fn = AMPLITUDES[path]
+    labels, where = LABELS.at[BAD].set(label), jnp.asarray(KEEP)
+    amplitude = fn(labels, where, FEATURES)
+    grad = jax.grad(lambda x: fn(labels, where, x).sum())(FEATURES)
+    assert amplitude[BAD] == 0 and np.all(np.asarray(grad[BAD]) == 0)
+    np.testing.assert_allclose(amplitude[KEEP], AMPLITUDE[KEEP], rtol=1e-6)
+    # Under jit too, where the mask's values are not known.
+    traced = jax.jit(lambda y, w: fn(y, w, FEATURES))(labels, where)
+    assert traced[BAD] == 0
+    np.testing.assert_allclose(traced, amplitude, rtol=1e-6)
+
+
+@pytest.mark.parametrize("label", BAD_LABELS)
+@pytest.mark.parametrize("path", sorted(AMPLITUDES))
+def test_an_unmasked_bad_label_raises_eagerly_and_is_nan_under_jit(path, label):
+    fn = AMPLITUDES[path]
+    labels = LABELS.at[BAD].set(label)
+    with pytest.raises(ValueError, match=rf"`labels` must lie in \[0, {CLASSES}\)"):
+        fn(labels, None, FEATURES)
+    traced = jax.jit(lambda y: fn(y, None, FEATURES))(labels)
+    assert np.isnan(traced[BAD])  # not the last class's amplitude for -1
+    np.testing.assert_allclose(traced[KEEP], AMPLITUDE[KEEP], rtol=1e-6)
+
+
+def test_the_loss_with_masked_padding_amplitudes_has_no_nan_gradient():
+    labels, where = LABELS.at[BAD].set(-1), jnp.asarray(KEEP)
+
+    def loss(x):
+        out = _linen_head_output()(x)
+        return nsj.noisy_softmax_cross_entropy(out.logits, labels, KEY, 0.2,
+                                               amplitude=out.amplitude(labels, where),
+                                               where=where).sum()
+
+    grad = jax.grad(loss)(FEATURES)
+    assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad[BAD]) == 0)
