@@ -90,10 +90,6 @@ def is_known_zero(x) -> bool:
     return value is not None and value.size == 1 and bool(value == 0)
 
 
-def _dtype_name(x) -> str:
-    return str(jnp.result_type(x)) if hasattr(x, "dtype") else type(x).__name__
-
-
 def _as_array(name: str, x) -> jax.Array:
     """``jnp.asarray(x)``, with an error that names the argument when ``x`` is not numeric."""
     if isinstance(x, jax.Array):
